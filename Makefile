@@ -1,0 +1,38 @@
+# The course's commands. Each installs what it needs into .venv first (once, and again when
+# pyproject.toml changes). On Windows without make, see README.md for the plain commands.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: install lab test export run badges check bench bench-tokenizer clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lab: install          ## install everything and open the course in JupyterLab
+	$(PY) -m jupyter lab notebooks/
+
+test: install         ## install everything and run the whole test suite (unit tests + strict nbval)
+	$(PY) -m pytest
+
+export: install       ## re-export every notebook into nanolib/
+	$(PY) tools/nb.py export
+
+run: install          ## execute one notebook in place, then re-export: make run NB=notebooks/01_tokenizer.ipynb
+	$(PY) tools/nb.py run $(NB)
+
+badges: install       ## rewrite every notebook's Colab badge and setup cell from pyproject.toml
+	$(PY) tools/nb.py badges
+
+check: install        ## report sync, execution-count, error and badge problems
+	$(PY) tools/nb.py check
+
+bench: install        ## model throughput on this device
+	$(PY) -m nanolib.bench
+
+bench-tokenizer: install  ## BPE training speed: ours vs the lesson's naive trainer
+	$(PY) benchmarks/tokenizer.py
