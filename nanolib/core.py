@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['REQUIREMENTS', 'check_environment', 'get_device', 'get_dtype', 'for_device', 'seed_everything', 'data_dir',
-           'atomic_write', 'DownloadError', 'sha256_file', 'download', 'in_colab']
+           'atomic_write', 'DownloadError', 'sha256_file', 'download', 'gpt2_encoding', 'in_colab']
 
 # %% ../notebooks/00_setup.ipynb #e6e7164f
 import contextlib
@@ -188,6 +188,20 @@ def download(url: str, filename: str, sha256: str | None = None, folder: str | P
             f"on another machine and put the file at {path}" + (f" (sha256 {sha256})" if sha256 else "")
         ) from err
     return path
+
+# %% ../notebooks/00_setup.ipynb #e1b9ed97
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding, with its files cached in `data_dir()/tiktoken`."""
+    import tiktoken
+
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(data_dir() / "tiktoken"))
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:  # tiktoken raises requests' errors, or ValueError on a bad file
+        raise DownloadError(
+            f"tiktoken could not load the GPT-2 vocabulary ({type(err).__name__}: {err}). Offline? Copy a "
+            f"tiktoken cache holding the GPT-2 files into {os.environ['TIKTOKEN_CACHE_DIR']}"
+        ) from err
 
 # %% ../notebooks/00_setup.ipynb #96f80a07
 def in_colab() -> bool:
