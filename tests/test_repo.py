@@ -70,3 +70,15 @@ def test_environment_yml_matches_pyproject():
 def test_nbdev_is_pinned():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(re.fullmatch(r"nbdev==[\d.]+", d) for d in deps), "pin nbdev exactly (nbdev==X.Y.Z)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_readme_lists_every_notebook_with_its_badge(path):
+    readme = (ROOT / "README.md").read_text()
+    assert nb.badge_markdown(path.name) in readme, f"add {path.name} and its Colab badge to README.md's lesson table"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "\nmake test\n" in ci, ".ci/run must call the README's test command"
