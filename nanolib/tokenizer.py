@@ -81,12 +81,12 @@ class CharTokenizer:
     def __repr__(self) -> str:
         return f"CharTokenizer(n_vocab={self.n_vocab})"
 
-# %% ../notebooks/01_tokenizer.ipynb #ae9eefc8
-def get_pair_counts(ids: list[int], counts: dict | None = None, weight: int = 1) -> dict:
-    """Add `weight` to counts[(a, b)] for each adjacent pair of tokens in `ids`; return counts."""
+# %% ../notebooks/01_tokenizer.ipynb #d849a3df
+def get_pair_counts(ids: list[int], counts: dict | None = None) -> dict:
+    """Add 1 to counts[(a, b)] for each adjacent pair of tokens in `ids` (a new dict if None); return counts."""
     counts = {} if counts is None else counts
     for pair in zip(ids, ids[1:]):
-        counts[pair] = counts.get(pair, 0) + weight
+        counts[pair] = counts.get(pair, 0) + 1
     return counts
 
 
@@ -233,7 +233,7 @@ def train_merges(chunks: Iterable[str], vocab_size: int) -> list[tuple[int, int]
         merges.append(pair)
     return merges
 
-# %% ../notebooks/01_tokenizer.ipynb #c341a57e
+# %% ../notebooks/01_tokenizer.ipynb #b6bad9a9
 ENDOFTEXT = "<|endoftext|>"
 CHAT_SPECIAL_TOKENS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, *CHAT_SPECIAL_TOKENS)
@@ -311,9 +311,9 @@ class BPETokenizer:
     def train(self, text: str, vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN,
               special_tokens=DEFAULT_SPECIAL_TOKENS) -> "BPETokenizer":
         """Learn vocab_size - 256 merges from `text` (replacing this tokenizer's); return self."""
-        text = repair_surrogates(text)
-        _check_vocab_size(vocab_size)
+        _check_text(text), _check_vocab_size(vocab_size)
         compiled, special_tokens = _check_pattern(pattern), _check_special_tokens(special_tokens)
+        text = repair_surrogates(text)
         # special tokens in the training text are boundaries: cut them out so no merge spans one
         parts = _special_regex(special_tokens).split(text)[::2] if special_tokens else [text]
         chunks = [chunk for part in parts for chunk in split_chunks(part, compiled)]
