@@ -209,11 +209,40 @@ def test_write_shards_bad_inputs(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_tokenizer_info():
-    assert data.tokenizer_info(gpt2_encoding()) == {"kind": "tiktoken", "name": "gpt2"}
-    assert data.tokenizer_info(ByteTokenizer()) == {"kind": "bytes"}
+def test_lesson_01_bpe_tokenizer_writes_and_decodes(tmp_path):
+    tokenizer = pytest.importorskip("nanolib.tokenizer", reason="lesson 01's tokenizer is not exported yet")
+    docs = ["to be, or not to be, that is the question " * 20, "whether 'tis nobler in the mind " * 20]
+    bpe = tokenizer.BPETokenizer()
+    bpe.train(" ".join(docs), 270)
+    out = data.write_shards(docs, bpe, tmp_path / "bpe")
+    meta = data.read_meta(out)
+    rebuilt = tokenizer.load_tokenizer(meta["tokenizer"])
+    ids = np.concatenate([stream_of(out, "train"), stream_of(out, "val")]).tolist()
+    eot = [bpe.eot_token] if bpe.eot_token is not None else []
+    assert ids == bpe.encode_ordinary(docs[0]) + eot + bpe.encode_ordinary(docs[1])
+    assert rebuilt.decode(ids[:len(bpe.encode_ordinary(docs[0]))]) == docs[0]
+
+
+def test_meta_holds_what_rebuilds_the_tokenizer(tmp_path):
+    out = data.write_shards("abc", gpt2_encoding(), tmp_path / "g")
+    assert data.read_meta(out)["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
+    out = data.write_shards("abc", ByteTokenizer(), tmp_path / "b")
+    assert data.read_meta(out)["tokenizer"] == {"kind": "bytes"}
+    class NoInfo:
+        n_vocab = 256
+
+        def encode(self, text):
+            return list(text.encode())
+
     with pytest.raises(TypeError, match="info"):
-        data.tokenizer_info("not a tokenizer")
+        data.write_shards("abc", NoInfo(), tmp_path / "n")
+    assert not (tmp_path / "n").exists()
+
+
+def test_meta_tokenizer_matches_lesson_01():
+    tokenizer = pytest.importorskip("nanolib.tokenizer", reason="lesson 01's tokenizer is not exported yet")
+    for tok in (gpt2_encoding(), tokenizer.CharTokenizer.from_text("hello")):
+        assert data._tokenizer_info(tok) == tokenizer.tokenizer_info(tok)
 
 
 # ---------------------------------------------------------------- the sampler
@@ -382,8 +411,8 @@ def test_load_text_bad_inputs(tmp_path, offline):
         data.load_text("tiny shakespeare")
     with pytest.raises(FileNotFoundError, match="no file at"):
         data.load_text(tmp_path / "missing.txt")
-    with pytest.raises(FileNotFoundError, match="no file at"):
-        data.load_text(tmp_path)  # a folder
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        data.load_text(tmp_path)
     csv = tmp_path / "table.csv"
     csv.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match=r"\.csv file"):
