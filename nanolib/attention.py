@@ -8,7 +8,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../notebooks/03_attention.ipynb #b670ddcc
+# %% ../notebooks/03_attention.ipynb #a25f021c
+def _check_config(config) -> None:
+    """Refuse head counts that do not split n_embd, before any weight is allocated."""
+    n_embd, n_head = config.n_embd, config.n_head
+    if not isinstance(n_embd, int) or not isinstance(n_head, int) or n_embd <= 0 or n_head <= 0:
+        raise ValueError(f"n_embd and n_head must be positive ints, got n_embd={n_embd!r}, n_head={n_head!r}")
+    if n_embd % n_head != 0:
+        divisors = [h for h in range(1, min(n_embd, 64) + 1) if n_embd % h == 0]
+        raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head}): each head gets "
+                         f"n_embd // n_head channels. Pick n_head in {divisors} or change n_embd")
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused QKV projection, using PyTorch's SDPA kernel.
 
@@ -19,15 +30,16 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head != 0:
-            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        _check_config(config)
         self.n_head, self.n_embd = config.n_head, config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)      # back into the residual
-        self.dropout = config.dropout
+        self.dropout = config.dropout  # on the attention weights, inside SDPA
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if x.dim() != 3 or x.size(-1) != self.n_embd:
+            raise ValueError(f"expected x of shape (batch, time, n_embd={self.n_embd}), got {tuple(x.shape)}")
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
@@ -35,7 +47,7 @@ class CausalSelfAttention(nn.Module):
         start = 0
         if cache is not None:
             start = cache.length
-            k, v = cache.update(k, v)
+            k, v = cache.update(k, v)  # now the keys and values of all start + T tokens
         dropout = self.dropout if self.training else 0.0
         if start == 0:    # no past: the usual causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)

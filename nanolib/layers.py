@@ -10,12 +10,15 @@ import torch.nn.functional as F
 
 from .attention import CausalSelfAttention
 
-# %% ../notebooks/04_mlp_block.ipynb #8a6fe342
+# %% ../notebooks/04_mlp_block.ipynb #8b99294f
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's `nn.LayerNorm` had no `bias=False` before 2.1)."""
+    """LayerNorm over the last dimension with an optional bias (`nn.LayerNorm` had no `bias=False`
+    before PyTorch 2.1). Parameters `weight` (1s) and `bias` (0s, or None) as GPT-2."""
 
     def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
         super().__init__()
+        if not isinstance(ndim, int) or ndim <= 0:
+            raise ValueError(f"LayerNorm needs the size of the last dimension as a positive int, got {ndim!r}")
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
         self.eps = eps
@@ -23,7 +26,7 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
-# %% ../notebooks/04_mlp_block.ipynb #4f915864
+# %% ../notebooks/04_mlp_block.ipynb #ac1b2fc5
 class MLP(nn.Module):
     """Position-wise feed-forward: expand 4x, GELU (tanh approximation, as GPT-2), project back."""
 
@@ -31,23 +34,26 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)  # back into the residual
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
-# %% ../notebooks/04_mlp_block.ipynb #db7fb0b7
+# %% ../notebooks/04_mlp_block.ipynb #597c9dd3
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    `cache` is one layer's KV cache for the attention (see `CausalSelfAttention` and lesson 07).
+    """
 
     def __init__(self, config):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config)  # refuses an n_head that does not divide n_embd
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), cache)  # positions exchange information
+        return x + self.mlp(self.ln_2(x))       # each position computes on what it gathered
