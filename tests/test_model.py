@@ -1,0 +1,313 @@
+"""nanolib.model: parameter counts, tying, loss at init, init schemes, input checks, and loading Hugging Face
+GPT-2 checkpoints, compared against transformers' own GPT2LMHeadModel."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanolib.core import DownloadError
+from nanolib.model import GPT, INIT_SCHEMES, GPTConfig, init_weights
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is faster, and immune to other processes on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny(**kw) -> GPTConfig:
+    return GPTConfig(**(dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32) | kw))
+
+
+# ---------------------------------------------------------------- counts and tying
+
+def test_gpt2_124m_parameter_counts():
+    with torch.device("meta"):
+        assert GPT(GPTConfig(vocab_size=50257)).num_params() == 124_439_808
+        assert GPT(GPTConfig()).num_params() == 124_475_904
+        # nanoGPT's "non-embedding" count leaves out the position embedding only
+        assert GPT(GPTConfig()).num_params(non_embedding=True) == 124_475_904 - 1024 * 768
+
+
+def test_num_params_counts_every_tensor_once():
+    model = GPT(tiny())
+    by_tensor = {id(p): p.numel() for p in model.parameters()}
+    assert model.num_params() == sum(by_tensor.values())
+    # the closed form V*C + T*C + L*(12C^2 + 13C) + 2C
+    C, V, T, L = 32, 97, 16, 2
+    assert model.num_params() == V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+
+
+def test_head_is_tied_to_token_embedding():
+    model = GPT(tiny())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.randint(0, 97, (2, 8))
+    _, loss = model(idx, torch.randint(0, 97, (2, 8)))
+    loss.backward()
+    # the shared matrix gets the gradient of both uses: rows of unused tokens still get the head's part
+    unused = sorted(set(range(97)) - set(idx.flatten().tolist()))
+    assert model.transformer.wte.weight.grad[unused].abs().sum() > 0
+
+
+def test_loss_at_init_is_close_to_ln_vocab():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
+    model = GPT(cfg)
+    idx, targets = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50257)) < 0.1
+
+
+def test_targets_minus_one_are_ignored():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
+    masked = targets.clone()
+    masked[:, :4] = -1
+    logits, loss = model(idx, masked)
+    expected = F.cross_entropy(logits[:, 4:].reshape(-1, 97), targets[:, 4:].reshape(-1))
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+class _ListCache:
+    """A minimal KV cache of the contract in HELPERS.md, independent of lesson 07's."""
+
+    class _Layer:
+        def __init__(self, owner):
+            self.owner, self.k, self.v = owner, None, None
+
+        @property
+        def length(self):
+            return self.owner.length
+
+        def update(self, k, v):
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            return self.k, self.v
+
+    def __init__(self, n_layer):
+        self.length, self.layers = 0, [self._Layer(self) for _ in range(n_layer)]
+
+    def layer(self, i):
+        return self.layers[i]
+
+
+def test_kv_cache_positions_continue():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache, steps = _ListCache(2), []
+        for chunk in (idx[:, :6], idx[:, 6:7], idx[:, 7:]):
+            logits, _ = model(chunk, kv_cache=cache)
+            cache.length += chunk.size(1)
+            steps.append(logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        GPTConfig(n_embd=100, n_head=12)
+    for bad in (dict(n_layer=0), dict(vocab_size=-1), dict(block_size=1.5), dict(n_head=True), dict(dropout=1.0)):
+        with pytest.raises(ValueError):
+            GPTConfig(**bad)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m(torch.zeros(1, 17, dtype=torch.long)), "longer than block_size"),
+    (lambda m: m(torch.tensor([[1, 97]])), r"token ids must be in \[0, 97\)"),
+    (lambda m: m(torch.tensor([[-2, 3]])), r"token ids must be in \[0, 97\)"),
+    (lambda m: m(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)), "targets must have the shape"),
+    (lambda m: m(torch.zeros(2, 4, dtype=torch.long), torch.full((2, 4), 97)), "targets must be in"),
+    (lambda m: m(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4)), "targets must be integer"),
+    (lambda m: m(torch.zeros(2, 4)), "integer token ids"),
+    (lambda m: m(torch.zeros(4, dtype=torch.long)), r"\(batch, time\)"),
+    (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "empty"),
+])
+def test_bad_input_fails_before_any_work(call, message):
+    model = GPT(tiny())
+    touched = []
+    handle = model.transformer.wte.register_forward_hook(lambda *a: touched.append(True))
+    with pytest.raises(ValueError, match=message):
+        call(model)
+    handle.remove()
+    assert not touched, "the error must come before the embedding lookup"
+
+
+def test_int32_ids_work_like_int64():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 97, (2, 8))
+    a, la = model(idx, idx)
+    b, lb = model(idx.int(), idx.int())
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+# ---------------------------------------------------------------- init schemes
+
+def _stds(model):
+    b = model.transformer.h[0]
+    return {"wte": model.transformer.wte.weight.std().item(), "wpe": model.transformer.wpe.weight.std().item(),
+            "c_attn": b.attn.c_attn.weight.std().item(), "c_fc": b.mlp.c_fc.weight.std().item(),
+            "attn.c_proj": b.attn.c_proj.weight.std().item(), "mlp.c_proj": b.mlp.c_proj.weight.std().item()}
+
+
+@pytest.mark.parametrize("scheme", INIT_SCHEMES)
+def test_init_scheme_stds(scheme):
+    torch.manual_seed(0)
+    C, L = 128, 6
+    model = init_weights(GPT(GPTConfig(block_size=256, vocab_size=1024, n_layer=L, n_head=4, n_embd=C)), scheme)
+    want = {"normal": dict.fromkeys(["wte", "wpe", "c_attn", "c_fc", "attn.c_proj", "mlp.c_proj"], 0.02)}
+    want["nanogpt"] = want["normal"] | {"attn.c_proj": 0.02 / math.sqrt(2 * L), "mlp.c_proj": 0.02 / math.sqrt(2 * L)}
+    want["times_0.02"] = want["normal"] | {"attn.c_proj": 0.0004, "mlp.c_proj": 0.0004}
+    # PyTorch's defaults: Linear U(+-1/sqrt(fan_in)) has std 1/sqrt(3 fan_in); Embedding N(0, 1);
+    # the tied matrix keeps lm_head's Linear init (fan_in = C)
+    want["pytorch"] = {"wte": 1 / math.sqrt(3 * C), "wpe": 1.0, "c_attn": 1 / math.sqrt(3 * C),
+                       "c_fc": 1 / math.sqrt(3 * C), "attn.c_proj": 1 / math.sqrt(3 * C),
+                       "mlp.c_proj": 1 / math.sqrt(3 * 4 * C)}
+    got = _stds(model)
+    for key, value in want[scheme].items():
+        assert got[key] == pytest.approx(value, rel=0.05), key
+    for name, p in model.named_parameters():
+        if "ln_" in name:
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+        elif name.endswith("bias") and scheme != "pytorch":
+            assert torch.all(p == 0), name
+    if scheme == "pytorch":
+        assert model.transformer.h[0].mlp.c_fc.weight.abs().max() <= 1 / math.sqrt(C)
+        assert model.transformer.h[0].mlp.c_fc.bias.abs().max() > 0
+
+
+def test_default_init_is_nanogpt_and_std_is_scaled():
+    torch.manual_seed(0)
+    a = GPT(tiny(n_layer=8, n_embd=64))
+    got = _stds(a)
+    assert got["c_fc"] == pytest.approx(0.02, rel=0.05)
+    assert got["mlp.c_proj"] == pytest.approx(0.02 / 4, rel=0.05)
+    init_weights(a, "nanogpt", std=0.1)
+    assert _stds(a)["mlp.c_proj"] == pytest.approx(0.1 / 4, rel=0.05)
+    with pytest.raises(ValueError, match="unknown init scheme"):
+        init_weights(a, "xavier")
+    with pytest.raises(ValueError, match="std must be positive"):
+        init_weights(a, "normal", std=0)
+
+
+def _residual_growth(scheme, n_layer):
+    """Std of the residual stream after the last Block over its std after the embeddings."""
+    torch.manual_seed(0)
+    model = init_weights(GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=n_layer, n_head=2, n_embd=64)), scheme)
+    seen = {}
+    model.transformer.drop.register_forward_hook(lambda m, a, out: seen.__setitem__("emb", out.std().item()))
+    model.transformer.h[-1].register_forward_hook(lambda m, a, out: seen.__setitem__("last", out.std().item()))
+    with torch.no_grad():
+        model(torch.randint(0, 128, (4, 32)))
+    return seen["last"] / seen["emb"]
+
+
+def test_nanogpt_init_keeps_residual_growth_independent_of_depth():
+    shallow, deep = _residual_growth("nanogpt", 6), _residual_growth("nanogpt", 24)
+    assert deep == pytest.approx(shallow, rel=0.15)
+    n_shallow, n_deep = _residual_growth("normal", 6), _residual_growth("normal", 24)
+    assert n_deep / n_shallow == pytest.approx(2.0, rel=0.2)  # sqrt(24 / 6)
+    assert _residual_growth("times_0.02", 24) < 1.05
+
+
+# ---------------------------------------------------------------- from_pretrained
+
+def _random_hf_gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")  # a test-only dependency
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=101, n_positions=24, n_embd=48, n_layer=3, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # random biases and LayerNorm weights too, so a mix-up anywhere shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _save_old_style_bin(hf, folder):
+    """A checkpoint as older GPT-2 uploads have it: pytorch_model.bin, keys without "transformer.", the
+    causal-mask buffers `attn.bias` / `attn.masked_bias`, and the (tied) head stored too."""
+    hf.config.save_pretrained(folder)
+    state = {k.removeprefix("transformer."): v.clone() for k, v in hf.state_dict().items()}
+    n = hf.config.n_positions
+    for i in range(hf.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "pytorch_model.bin"])
+def test_from_pretrained_matches_transformers(tmp_path, layout):
+    hf = _random_hf_gpt2()
+    if layout == "safetensors":
+        hf.save_pretrained(tmp_path)
+        assert (tmp_path / "model.safetensors").is_file()
+    else:
+        _save_old_style_bin(hf, tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    assert ours.config.vocab_size == 101 and ours.config.block_size == 24 and ours.config.n_layer == 3
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+    idx = torch.randint(0, 101, (2, 24))
+    with torch.no_grad():
+        ours_logits, _ = ours(idx)
+        hf_logits = hf(idx).logits
+    assert torch.allclose(ours_logits, hf_logits, atol=1e-5), (ours_logits - hf_logits).abs().max()
+    # and the loaded model trains: gradients reach every parameter
+    _, loss = ours.train()(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None for p in ours.parameters())
+
+
+def test_from_pretrained_refuses_other_arithmetic(tmp_path):
+    hf = _random_hf_gpt2()
+    hf.config.activation_function = "relu"
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_function"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_offline_error_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError) as err:
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path / "empty-cache")
+    message = str(err.value)
+    assert "HF_HUB_OFFLINE" in message and "GPT.from_pretrained('DIR')" in message and "'gpt2'" in message
+
+
+def test_from_pretrained_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(tmp_path)  # a folder without a checkpoint
+    with pytest.raises(FileNotFoundError, match="not a hub name"):
+        GPT.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="lacks"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"n_positions": 8, "vocab_size": 10, "n_layer": 1, "n_head": 1, "n_embd": 4}')
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GPT.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- the benchmark command (not timed)
+
+def test_bench_command_runs_and_counts_flops(capsys):
+    from nanolib import bench
+    result = bench.main(["--size", "cpu-small", "--device", "cpu", "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "peak memory" in out and result["tokens_per_s"] > 0
+    assert result["batch"] == 12 and result["seq"] == 64 and result["adamw"] and result["mfu"] is None
+    # PaLM appendix B / nanoGPT's estimate_mfu: 6N + 12 L H Q T, with N the non-embedding parameters
+    assert bench.flops_per_token(GPTConfig(), 123_689_472, 1024) == 6 * 123_689_472 + 12 * 12 * 12 * 64 * 1024
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0 and bench.peak_tflops("Some New GPU") is None
