@@ -38,7 +38,7 @@ class TensorStats:
         saturation = None if saturated is None else saturated(t).float().mean().item()
         return cls(flat.mean().item(), flat.std().item(), saturation, flat[::step][:max_samples].cpu())
 
-# %% ../notebooks/05_gpt_init.ipynb #5dc9fded
+# %% ../notebooks/05_gpt_init.ipynb #4b28953e
 class StatsRecorder:
     """Record statistics of what chosen modules output (or take as input) and of the gradient there.
 
@@ -143,17 +143,18 @@ class StatsRecorder:
         return out
 
     def summary(self) -> str:
-        """The rows as a text table."""
-        return format_table(self.rows())
+        """The rows as a text table (means to 4 decimals: they matter next to the std, not on their own)."""
+        return format_table(self.rows(), formats={"mean": "+.4f"})
 
 
-def format_table(rows: list[dict]) -> str:
-    """A list of dicts with the same keys -> an aligned text table (floats in 4 significant digits)."""
+def format_table(rows: list[dict], formats: dict | None = None) -> str:
+    """A list of dicts with the same keys -> an aligned text table; floats in 4 significant digits unless
+    `formats` gives a column its own format spec, e.g. {"mean": "+.4f"}."""
     if not rows:
         return "(nothing recorded)"
-    cols = list(rows[0])
-    cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-    body = [[cell(r[c]) for c in cols] for r in rows]
+    cols, formats = list(rows[0]), formats or {}
+    cell = lambda c, v: "-" if v is None else format(v, formats.get(c, ".4g")) if isinstance(v, float) else str(v)
+    body = [[cell(c, r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]

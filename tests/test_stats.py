@@ -137,6 +137,8 @@ def test_summary_table_and_sampling():
     assert rec.acts["1"].sample.numel() <= 100 and rec.acts["1"].sample.dtype == torch.float32
     assert format_table([]) == "(nothing recorded)"
     assert "-" in format_table([{"a": None}])
+    assert format_table([{"a": 0.000123456, "b": 0.000123456}], formats={"a": "+.4f"}).splitlines()[1].split() == ["+0.0001", "0.0001235"]
+    assert f"{rows[0]['mean']:+.4f}" in text
 
 
 def test_tensor_stats_of_known_values():
