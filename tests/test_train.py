@@ -1,0 +1,253 @@
+"""nanolib.train: optimizer groups, schedule, accumulation and clipping against an independent one-batch
+step, checkpoints (weights_only, corrupt files, mismatched configs), bitwise-exact resume, non-finite
+losses, and the command line's errors. Every run is the tiny "smoke" preset on tiny shards, on the CPU."""
+import copy
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nanolib import train as T
+from nanolib.core import data_dir, seed_everything
+from nanolib.data import BatchSampler, write_shards
+from nanolib.model import GPT, GPTConfig
+from nanolib.tokenizer import CharTokenizer
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    text = (data_dir() / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
+    return write_shards([text], CharTokenizer.from_text(text), tmp_path_factory.mktemp("shards"))
+
+
+def smoke(shards, out_dir, **overrides):
+    return T.preset("smoke", data=str(shards), out_dir=str(out_dir), **overrides)
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    lr, min_lr, warmup, decay = 1e-3, 1e-4, 100, 2000
+    f = lambda s: T.lr_at(s, lr, min_lr, warmup, decay)
+    assert f(0) == pytest.approx(lr / warmup) and f(49) == pytest.approx(lr * 50 / warmup)
+    assert f(warmup - 1) == pytest.approx(lr) and f(warmup) == pytest.approx(lr)
+    assert f((warmup + decay) // 2) == pytest.approx((lr + min_lr) / 2)  # a cosine is halfway at its middle
+    assert f(decay) == pytest.approx(min_lr) and f(10 * decay) == pytest.approx(min_lr)
+    after = [f(s) for s in range(warmup, decay + 1)]
+    assert all(a >= b for a, b in zip(after, after[1:])), "the decay must never go back up"
+    # a quarter of the way through, cos(pi/4): checks the shape, not just the end points
+    quarter = warmup + (decay - warmup) // 4
+    assert f(quarter) == pytest.approx(min_lr + 0.5 * (1 + math.cos(math.pi / 4)) * (lr - min_lr))
+
+
+def test_weight_decay_reaches_2d_parameters_only():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8, bias=True))
+    opt = T.configure_optimizer(model, weight_decay=0.5, learning_rate=0.1, device_type="cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()  # tied once
+    assert opt.defaults["fused"] is True
+    # With zero gradients Adam's step is 0, so only the decoupled decay moves a weight: p <- p (1 - lr wd)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        factor = 1 - 0.1 * 0.5 if p.dim() == 2 else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor, msg=name)
+
+
+# ---------------------------------------------------------------- one training step, checked independently
+
+def test_accumulated_clipped_step_equals_one_big_batch_step(shards, tmp_path):
+    """2 micro-batches of 4 with clipping == one batch of 8 through a plain (non-fused) AdamW, by hand."""
+    cfg = smoke(shards, tmp_path, batch_size=4, grad_accum_steps=2, grad_clip=0.05, save=False)
+    trainer = T.Trainer(cfg, log=quiet)
+    reference = copy.deepcopy(trainer.raw_model)
+    loss, norm = trainer.train_step()
+
+    sampler = BatchSampler(shards, "train", 4, cfg.block_size, seed=cfg.seed)
+    xs, ys = zip(*(sampler.next_batch() for _ in range(2)))
+    _, ref_loss = reference(torch.cat(xs), torch.cat(ys))
+    ref_loss.backward()
+    params = list(reference.parameters())
+    ref_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    for p in params:
+        p.grad *= min(1.0, cfg.grad_clip / (ref_norm.item() + 1e-6))
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=T.lr_at(0, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters),
+                            betas=(cfg.beta1, cfg.beta2), foreach=False)
+    opt.step()
+
+    assert ref_norm.item() > cfg.grad_clip, "the test must exercise clipping"
+    assert abs(loss.item() - ref_loss.item()) < 1e-6 and abs(norm.item() - ref_norm.item()) < 1e-5
+    for (name, p), q in zip(trainer.raw_model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_evaluation_uses_the_same_batches_every_time(shards, tmp_path):
+    trainer = T.Trainer(smoke(shards, tmp_path, save=False), log=quiet)
+    first = trainer.evaluate()
+    trainer.train_data.next_batch()
+    assert trainer.evaluate() == first
+    assert set(first) == {"train", "val"} and all(3.5 < v < 5 for v in first.values())  # ~ln(vocab) at init
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    seed_everything(5)
+    torch.save(T.rng_state(), tmp_path / "rng.pt")
+    draw = lambda: (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)])
+    expected = draw()
+    seed_everything(99)
+    T.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draw() == expected
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(shards, tmp_path):
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=3, eval_interval=3), log=quiet)
+    trainer.fit()
+    path = tmp_path / "ckpt.pt"
+    raw = torch.load(path, weights_only=True)  # plain data only: no pickled classes
+    assert {"model", "optimizer", "model_config", "train_config", "step", "data", "rng", "tokenizer"} <= set(raw)
+    ckpt = T.load_checkpoint(path)
+    assert ckpt["step"] == 3 and ckpt["data"]["train"]["step"] == 3
+    assert ckpt["model_config"] == {"block_size": 16, "vocab_size": trainer.meta["n_vocab"], "n_layer": 2,
+                                    "n_head": 2, "n_embd": 32, "dropout": 0.0, "bias": False}
+    assert ckpt["tokenizer"] == trainer.meta["tokenizer"] and ckpt["tokenizer"]["kind"] == "char"
+    assert ckpt["train_config"]["max_iters"] == 3
+    model, _ = T.model_from_checkpoint(path)
+    x = torch.randint(0, 20, (2, 16))
+    assert not model.training
+    assert torch.equal(model(x)[0], trainer.raw_model.eval()(x)[0])
+    assert not list(tmp_path.glob(".ckpt.pt.*")), "no temporary file may be left behind"
+
+
+def test_bad_checkpoints_give_clear_errors(shards, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        T.load_checkpoint(tmp_path / "missing.pt")
+    T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2), log=quiet).fit()
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"cut\.pt is not a readable checkpoint"):
+        T.load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a nanolib checkpoint"):
+        T.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):  # fails in setup, before training
+        T.Trainer(smoke(shards, tmp_path / "b", resume=str(tmp_path / "cut.pt")), log=quiet)
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_match(shards, tmp_path):
+    T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2), log=quiet).fit()
+    ckpt = str(tmp_path / "ckpt.pt")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"does not match this run.*n_layer=2 \(this run: 3\)"):
+        T.Trainer(smoke(shards, tmp_path, resume=ckpt, n_layer=3), log=quiet)
+    other = write_shards(["abc" * 500], CharTokenizer.from_text("abc"), tmp_path / "abc")
+    with pytest.raises(ValueError, match="tokenizer"):
+        T.Trainer(smoke(other, tmp_path, resume=ckpt, vocab_size=65), log=quiet)
+    with pytest.raises(ValueError, match="nothing left to train"):
+        T.Trainer(smoke(shards, tmp_path, resume=ckpt, max_iters=2), log=quiet)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------- exact resume
+
+def test_resume_continues_the_loss_curve_bitwise(shards, tmp_path):
+    """2N steps straight == N steps, save, scrambled RNGs and fresh objects, resume, N steps. Dropout is
+    on, so the torch RNG state must come back too, and the data position, and AdamW's moments."""
+    settings = dict(dropout=0.1, max_iters=16, eval_interval=8, log_interval=1)
+    straight = T.Trainer(smoke(shards, tmp_path / "a", **settings), log=quiet)
+    straight.fit()
+    T.Trainer(smoke(shards, tmp_path / "b", **{**settings, "max_iters": 8}), log=quiet).fit()
+    seed_everything(4321)
+    torch.rand(100), np.random.rand(7), random.random()   # another process would be in another state
+    resumed = T.Trainer(smoke(shards, tmp_path / "b", **settings, resume=str(tmp_path / "b" / "ckpt.pt")),
+                        log=quiet)
+    assert resumed.step == 8
+    resumed.fit()
+    losses = lambda t: [(r["step"], r["loss"]) for r in t.history["train"]]
+    assert len(losses(straight)) == 16 and losses(resumed) == losses(straight)
+    for (name, p), q in zip(straight.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+class PoisonAt:
+    """Makes one weight NaN just before step `step`, as a numerical blow-up would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, trainer):
+        if trainer.step == self.step:
+            with torch.no_grad():
+                trainer.raw_model.transformer.wpe.weight[0, 0] = float("nan")
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=20, eval_interval=10, log_interval=5), log=quiet)
+    with pytest.raises(FloatingPointError, match=r"non-finite at step 12\b.*last good checkpoint"):
+        trainer.fit(callbacks=[PoisonAt(12)])
+    assert trainer.step == 15  # noticed at the next log interval, without a device sync every step
+    ckpt = T.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 10 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_a_huge_learning_rate_is_reported_by_the_command(shards, tmp_path):
+    with pytest.raises(SystemExit, match=r"non-finite at step \d+"):
+        T.main(["--preset=smoke", f"--data={shards}", f"--out_dir={tmp_path}", "--learning_rate=1e30",
+                "--min_lr=0", "--grad_clip=0"])
+
+
+# ---------------------------------------------------------------- the command line
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset=nope"], r"unknown preset 'nope': choose one of \['gpt2-124m', 'shakespeare-char-cpu', 'smoke'\]"),
+    (["--n_layers=3"], r"unknown option --n_layers \(did you mean --n_layer"),
+    (["--max_iters=many"], r"--max_iters=many: expected int"),
+    (["--compile=maybe"], r"--compile=maybe: expected bool"),
+    (["max_iters=3"], r"write --key=value"),
+    (["--learning_rate=-1"], r"learning_rate must be > 0"),
+    (["--preset=gpt2-124m"], r"no training data: pass --data=FOLDER"),
+    (["--data=/no/such/folder"], r"holds no meta.json"),
+])
+def test_bad_command_lines_fail_before_training(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        T.main(argv + [f"--out_dir={tmp_path}"] if not argv[0].startswith("--out_dir") else argv)
+    assert "step" not in capsys.readouterr().out and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*ckpt\.pt"):
+        T.main(["--resume", f"--out_dir={tmp_path}"])
+
+
+def test_the_command_trains_saves_and_resumes(shards, tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "nanolib.train", *args], capture_output=True,
+                                       text=True, timeout=120)
+    first = run("--preset=smoke", f"--data={shards}", f"--out_dir={tmp_path}", "--max_iters=10")
+    assert first.returncode == 0, first.stderr
+    assert "done: 10 steps, final val loss" in first.stdout and "wall time" in first.stdout
+    second = run("--resume", f"--out_dir={tmp_path}", "--max_iters=20")  # the checkpoint's config, extended
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "done: 20 steps" in second.stdout
+    straight = T.Trainer(smoke(shards, tmp_path / "straight", max_iters=20, save=False), log=quiet)
+    straight.fit()
+    model, ckpt = T.model_from_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 20
+    for (name, p), q in zip(straight.raw_model.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), name
