@@ -240,7 +240,7 @@ def time_generation(model: GPT, lengths, repeats: int = 1) -> dict:
         timings[n] = (min(r[0] for r in runs), min(r[1] for r in runs))
     return timings
 
-# %% ../notebooks/07_sampling.ipynb #735bb131
+# %% ../notebooks/07_sampling.ipynb #139cf8d3
 def bench(argv=None) -> dict:
     """`python -m nanolib.generate --bench`: print generation time with and without the KV cache."""
     parser = argparse.ArgumentParser(prog="python -m nanolib.generate",
@@ -249,12 +249,21 @@ def bench(argv=None) -> dict:
     parser.add_argument("--lengths", default="32,64,128,256", help="new-token counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per length")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args(argv)
-    lengths = [int(n) for n in args.lengths.split(",")]
     if not args.bench:
         parser.error("nothing to do: pass --bench")
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths must be comma-separated ints, got {args.lengths!r}")
     if args.repeats < 1 or any(n < 1 or n > BENCH_CONFIG.block_size for n in lengths):
         parser.error(f"--repeats must be >= 1 and every length in [1, {BENCH_CONFIG.block_size}]")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     device = get_device(args.device)
     torch.manual_seed(0)
     model = GPT(BENCH_CONFIG).to(device)
