@@ -73,10 +73,10 @@ def evaluate(model: nn.Module, sampler, iters: int, autocast=contextlib.nullcont
     model.train(was_training)
     return total / iters
 
-# %% ../notebooks/06_training.ipynb #13fbb869
+# %% ../notebooks/06_training.ipynb #f981ccfe
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TINYSHAKESPEARE = {"tinyshakespeare-char": "char", "tinyshakespeare-gpt2": "gpt2"}
-_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "bias")
+_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")  # a resume must keep these
 
 
 @dataclass
