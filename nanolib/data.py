@@ -4,7 +4,7 @@
 __all__ = ['TINYSHAKESPEARE_URL', 'TINYSHAKESPEARE_SHA256', 'tinyshakespeare', 'load_text', 'token_dtype', 'write_shards',
            'read_meta', 'prepare_tinyshakespeare', 'BatchSampler', 'token_frequencies', 'zipf_slope']
 
-# %% ../notebooks/02_data.ipynb #c6886b24
+# %% ../notebooks/02_data.ipynb #477335d5
 import contextlib
 import json
 import os
@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import atomic_write, data_dir, download, gpt2_encoding
+from .tokenizer import CharTokenizer, tokenizer_info
 
 # %% ../notebooks/02_data.ipynb #6d789531
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -106,20 +107,7 @@ def token_dtype(n_vocab: int) -> np.dtype:
         raise ValueError(f"n_vocab={n_vocab:,} does not fit in uint32: no tokenizer is that big")
     return np.dtype(np.uint16) if n_vocab <= 2**16 else np.dtype(np.uint32)
 
-# %% ../notebooks/02_data.ipynb #e3ce580b
-def _tokenizer_info(tokenizer) -> dict:
-    """What rebuilds `tokenizer` (as `nanolib.tokenizer.tokenizer_info`, without needing that module):
-    `info()` for ours, {"kind": "tiktoken", "name": ...} for a tiktoken.Encoding."""
-    import tiktoken
-
-    if isinstance(tokenizer, tiktoken.Encoding):
-        return {"kind": "tiktoken", "name": tokenizer.name}
-    if callable(getattr(tokenizer, "info", None)):
-        return tokenizer.info()
-    raise TypeError(f"{type(tokenizer).__name__} is not a tokenizer: it needs encode(text), n_vocab and "
-                    "info() (see nanolib.tokenizer), or pass a tiktoken.Encoding")
-
-
+# %% ../notebooks/02_data.ipynb #4a330899
 def _tokenize(texts, tokenizer, separator) -> np.ndarray:
     """All texts as one array of ids, `separator` between (non-empty) documents."""
     dtype = token_dtype(tokenizer.n_vocab)
@@ -158,7 +146,7 @@ def write_shards(texts, tokenizer, out_dir: str | Path, val_fraction: float = 0.
         raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
     if not (callable(getattr(tokenizer, "encode", None)) and isinstance(getattr(tokenizer, "n_vocab", None), int)):
         raise TypeError(f"{type(tokenizer).__name__} is not a tokenizer: it needs encode(text) and n_vocab")
-    info = _tokenizer_info(tokenizer)
+    info = tokenizer_info(tokenizer)
     if separator == "auto":
         separator = getattr(tokenizer, "eot_token", None)
 
@@ -209,7 +197,7 @@ def read_meta(out_dir: str | Path) -> dict:
                                 "run prepare_tinyshakespeare() or write_shards() first")
     return json.loads(path.read_text(encoding="utf-8"))
 
-# %% ../notebooks/02_data.ipynb #ac578863
+# %% ../notebooks/02_data.ipynb #64756239
 def _shards_complete(out_dir: Path, meta: dict) -> bool:
     """Every shard meta.json lists is there with the right size."""
     itemsize = np.dtype(meta["dtype"]).itemsize
@@ -226,13 +214,12 @@ def prepare_tinyshakespeare(kind: str = "char", out_dir: str | Path | None = Non
     out_dir = Path(out_dir) if out_dir is not None else data_dir() / "shards" / f"tinyshakespeare_{kind}"
     text = tinyshakespeare().read_text(encoding="utf-8")
     if kind == "char":
-        from nanolib.tokenizer import CharTokenizer  # lesson 01; imported here so data.py stands alone
 
         tokenizer = CharTokenizer.from_text(text)
     else:
         tokenizer = gpt2_encoding()
     source = {"source": {"name": "tinyshakespeare.txt", "sha256": TINYSHAKESPEARE_SHA256}}
-    wanted = {"tokenizer": _tokenizer_info(tokenizer), "shard_tokens": shard_tokens, "val_fraction": 0.1, **source}
+    wanted = {"tokenizer": tokenizer_info(tokenizer), "shard_tokens": shard_tokens, "val_fraction": 0.1, **source}
     if (out_dir / "meta.json").is_file():
         meta = read_meta(out_dir)
         if all(meta.get(k) == v for k, v in wanted.items()) and _shards_complete(out_dir, meta):

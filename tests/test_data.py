@@ -234,15 +234,17 @@ def test_meta_holds_what_rebuilds_the_tokenizer(tmp_path):
         def encode(self, text):
             return list(text.encode())
 
-    with pytest.raises(TypeError, match="info"):
+    with pytest.raises(TypeError, match="nanolib tokenizer or a tiktoken.Encoding"):
         data.write_shards("abc", NoInfo(), tmp_path / "n")
     assert not (tmp_path / "n").exists()
 
 
-def test_meta_tokenizer_matches_lesson_01():
-    tokenizer = pytest.importorskip("nanolib.tokenizer", reason="lesson 01's tokenizer is not exported yet")
-    for tok in (gpt2_encoding(), tokenizer.CharTokenizer.from_text("hello")):
-        assert data._tokenizer_info(tok) == tokenizer.tokenizer_info(tok)
+def test_meta_tokenizer_rebuilds_the_tokenizer(tmp_path):
+    from nanolib.tokenizer import CharTokenizer, load_tokenizer, tokenizer_info
+    for i, tok in enumerate((gpt2_encoding(), CharTokenizer.from_text("hello world"))):
+        meta = data.read_meta(data.write_shards("hello world " * 50, tok, tmp_path / str(i)))
+        assert meta["tokenizer"] == tokenizer_info(tok)
+        assert load_tokenizer(meta["tokenizer"]).encode("hello") == tok.encode("hello")
 
 
 # ---------------------------------------------------------------- the sampler
