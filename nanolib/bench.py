@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['SIZES', 'PEAK_BF16_TFLOPS', 'BenchSize', 'peak_tflops', 'flops_per_token', 'run_benchmark', 'main']
 
-# %% ../notebooks/05_gpt_init.ipynb #f27fe068
+# %% ../notebooks/05_gpt_init.ipynb #e29e1e04
 import argparse
 import platform
 import statistics
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core import get_device
+from .core import get_device, get_dtype
 from .model import GPT, GPTConfig
 
 
@@ -50,7 +50,7 @@ def flops_per_token(config: GPTConfig, n_params_non_embedding: int, seq: int) ->
     """Forward + backward FLOPs per token: 6N for the weights + 12 L C T for attention (PaLM appendix B)."""
     return 6 * n_params_non_embedding + 12 * config.n_layer * config.n_embd * seq
 
-# %% ../notebooks/05_gpt_init.ipynb #13559ad7
+# %% ../notebooks/05_gpt_init.ipynb #d7193f67
 def _peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "torch.cuda.max_memory_allocated"
@@ -77,7 +77,7 @@ def run_benchmark(size: str = "cpu-small", device: str | None = None, batch: int
     seq = seq or spec.seq[cuda]
     adamw = spec.adamw if adamw is None else adamw
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    dtype = dtype or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp16" if cuda else "fp32")
+    dtype = dtype or next(name for name, d in dtypes.items() if d == get_dtype(dev))  # what lessons train in
     if dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {list(dtypes)}")
     config = GPTConfig(**(spec.config | {"block_size": max(seq, spec.config["block_size"])}))
@@ -135,7 +135,7 @@ def run_benchmark(size: str = "cpu-small", device: str | None = None, batch: int
             print(f"MFU: unknown peak for {name!r}; pass --peak-tflops")
     return result
 
-# %% ../notebooks/05_gpt_init.ipynb #5f8e41d8
+# %% ../notebooks/05_gpt_init.ipynb #429215e7
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m nanolib.bench",
                                      description="Throughput of nanolib's GPT: tokens/s, step time, peak memory, MFU.")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, 3 with --compile)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="autocast dtype (default: bf16 on CUDA, fp32 elsewhere)")
+                        help="autocast dtype (default: nanolib.core.get_dtype's choice: bf16, fp16 on older GPUs, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--adamw", action=argparse.BooleanOptionalAction, default=None,
                         help="include an AdamW step (default: yes for cpu-small, no for gpt2)")
