@@ -11,6 +11,7 @@ Everything here is also imported by tests/test_repo.py, so the tests and this to
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -269,8 +270,7 @@ def from_py(src: Path, dest: Path) -> None:
             cells.append({"cell_type": "code", "metadata": {}, "source": body, "outputs": [],
                           "execution_count": None})
     nb = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    for cell in cells:  # nbformat 4.5 wants cell ids; make them stable so re-builds do not churn
-        import hashlib
+    for cell in cells:  # nbformat 4.5 wants cell ids; derive them from the content so re-builds do not churn
         cell["id"] = hashlib.sha1((cell["cell_type"] + source(cell)).encode()).hexdigest()[:8]
     seen = set()
     for i, cell in enumerate(cells):
