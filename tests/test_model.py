@@ -10,13 +10,7 @@ from nanolib.core import DownloadError
 from nanolib.model import GPT, INIT_SCHEMES, GPTConfig, init_weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is faster, and immune to other processes on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny(**kw) -> GPTConfig:
