@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install lab test export run badges check bench bench-tokenizer clean
+.PHONY: install lab test export run badges check bench bench-tokenizer bench-nanogpt clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,6 @@ bench: install        ## model throughput on this device
 
 bench-tokenizer: install  ## BPE training speed: ours vs the lesson's naive trainer
 	$(PY) benchmarks/tokenizer.py
+
+bench-nanogpt: install    ## final val loss of nanoGPT's CPU config: nanoGPT's loop vs our Trainer
+	$(PY) benchmarks/side_by_side.py
