@@ -268,7 +268,7 @@ def bench(argv=None) -> dict:
     torch.manual_seed(0)
     model = GPT(BENCH_CONFIG).to(device)
     print(f"GPT 6 layers, 6 heads, 384 wide, block 256, vocab 65 on {device.type} "
-          f"({torch.get_num_threads()} threads), greedy, one-token prompt, best of {args.repeats}")
+          f"(torch threads: {torch.get_num_threads()}), greedy, one-token prompt, best of {args.repeats}")
     timings = time_generation(model, lengths, repeats=args.repeats)
     for n, (naive_s, cached_s) in timings.items():
         print(f"{n:>4} new tokens: no cache {naive_s:7.3f} s   KV cache {cached_s:6.3f} s   "
