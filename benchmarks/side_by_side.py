@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nanolib.data import prepare_tinyshakespeare, read_meta
+from nanolib.data import BatchSampler, prepare_tinyshakespeare
 from nanolib.model import GPT, GPTConfig
 from nanolib.train import Trainer, preset
 
@@ -72,11 +72,8 @@ class NanoGPTDraws:
 def read_splits() -> tuple:
     """({"train": tokens, "val": tokens}, vocab size) of char-level Tiny Shakespeare, from nanolib's shards."""
     folder = prepare_tinyshakespeare("char")
-    meta = read_meta(folder)
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    splits = {split: np.concatenate([np.memmap(folder / s["file"], dtype=dtype, mode="r") for s in shards])
-              for split, shards in meta["shards"].items()}
-    return splits, meta["n_vocab"]
+    samplers = {split: BatchSampler(folder, split, batch_size=1, block_size=1) for split in ("train", "val")}
+    return {split: np.concatenate(s.shards) for split, s in samplers.items()}, samplers["train"].meta["n_vocab"]
 
 
 def nanogpt_lr(it: int, cfg) -> float:
