@@ -20,6 +20,11 @@ Three columns:
 - trainer: `python -m nanolib.train --preset=shakespeare-char-cpu --seed=SEED`, which draws batch i from
   (seed, i) so that resume and DDP are exact. For one seed it sees other windows than nanoGPT does, so its
   final loss differs by chance: compare the columns over several seeds, not one.
+Each column gives two figures: `eval`, the val loss of the last evaluation (20 random batches, what
+nanoGPT prints), and `whole`, the loss of the same final model over the whole val split, every character a
+target once (nanolib.train.window_losses). An evaluation of 20 batches of 12 windows is an estimate with a
+standard deviation of about 0.015 at this loss (lesson 06 measures it), as large as the spread over seeds:
+compare runs by `whole`, which has no such noise.
 A command, not a test: it prints figures and exits 0.
 """
 import argparse
@@ -34,7 +39,7 @@ import torch.nn as nn
 
 from nanolib.data import BatchSampler, prepare_tinyshakespeare
 from nanolib.model import GPT, GPTConfig
-from nanolib.train import Trainer, preset
+from nanolib.train import Trainer, preset, window_losses
 
 CONFIG = preset("shakespeare-char-cpu", save=False)
 
@@ -96,8 +101,8 @@ def use_exact_gelu(model: GPT) -> None:
         block.mlp.gelu = nn.GELU()
 
 
-def nanogpt_loop(seed: int, cfg=CONFIG) -> float:
-    """Train as nanoGPT's train.py does for `cfg` (a TrainConfig); return the final evaluation's val loss."""
+def nanogpt_loop(seed: int, cfg=CONFIG) -> tuple:
+    """Train as nanoGPT's train.py does for `cfg` (a TrainConfig); return (final evaluation's val loss, model)."""
     splits, vocab_size = read_splits()
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
@@ -121,7 +126,7 @@ def nanogpt_loop(seed: int, cfg=CONFIG) -> float:
         if it % cfg.eval_interval == 0:
             last_val = val_loss()
         if it == cfg.max_iters:   # nanoGPT then takes one more step, which changes nothing it prints
-            return last_val
+            return last_val, model
         _, loss = model(*train.next_batch())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -149,18 +154,29 @@ class TrainerOnNanoGPTDraws(Trainer):
         return nanogpt_lr(self.step if step is None else step, self.config)
 
 
-def final_val_loss(trainer: Trainer) -> float:
-    return trainer.fit()["eval"][-1]["val_loss"]
+def final_val_loss(trainer: Trainer) -> tuple:
+    """Train; return (the last evaluation's val loss, the trained model)."""
+    return trainer.fit()["eval"][-1]["val_loss"], trainer.raw_model
 
 
-def run(column: str, seed: int, match: bool) -> float:
+def whole_val_loss(model: nn.Module, cfg=CONFIG) -> tuple:
+    """(the model's loss over the whole val split, every character a target once; the standard deviation
+    of an evaluation on cfg.eval_iters random batches around it, from the spread of the windows' losses)."""
+    val = BatchSampler(prepare_tinyshakespeare("char"), "val", batch_size=64, block_size=cfg.block_size)
+    losses = window_losses(model, val)
+    return losses.mean().item(), losses.std().item() / math.sqrt(cfg.eval_iters * cfg.batch_size)
+
+
+def run(column: str, seed: int, match: bool) -> tuple:
+    """(last evaluation's val loss, whole-split val loss, an evaluation's std) of one column's run."""
     if column == "nanogpt":
-        return nanogpt_loop(seed)
-    with tempfile.TemporaryDirectory() as out_dir:
-        config = preset("shakespeare-char-cpu", seed=seed, save=False, out_dir=out_dir)
-        if column == "draws":
-            return final_val_loss(TrainerOnNanoGPTDraws(config, match))
-        return final_val_loss(Trainer(config, log=lambda *args: None))
+        last_eval, model = nanogpt_loop(seed)
+    else:
+        with tempfile.TemporaryDirectory() as out_dir:
+            config = preset("shakespeare-char-cpu", seed=seed, save=False, out_dir=out_dir)
+            trainer = TrainerOnNanoGPTDraws(config, match) if column == "draws" else Trainer(config, log=lambda *a: None)
+            last_eval, model = final_val_loss(trainer)
+    return (last_eval, *whole_val_loss(model))
 
 
 def parse_seeds(text: str) -> list:
@@ -194,17 +210,22 @@ def main(argv=None) -> dict:
         parser.error(f"--only takes nanogpt, draws and trainer, comma-separated; got {args.only!r}")
     print(f"final val loss, nanoGPT's CPU config, {torch.get_num_threads()} threads"
           + (", draws column --match" if args.match else ""))
-    print(f"{'seed':>6} " + "".join(f"{name:>10} {'(s)':>5} " for name in columns))
+    print(f"{'':>6} " + "".join(f"{name:>20} {'':>5} " for name in columns))
+    print(f"{'seed':>6} " + "".join(f"{'eval':>10}{'whole':>10} {'(s)':>5} " for _ in columns))
     results = {name: [] for name in columns}
     for seed in seeds:
         row = f"{seed:>6} "
         for name in columns:
             start = time.perf_counter()
             results[name].append(run(name, seed, args.match))
-            row += f"{results[name][-1]:>10.4f} {time.perf_counter() - start:>5.0f} "
+            last_eval, whole, _ = results[name][-1]
+            row += f"{last_eval:>10.4f}{whole:>10.4f} {time.perf_counter() - start:>5.0f} "
         print(row, flush=True)
     for name, values in results.items():
-        print(f"{name:>8}: {summary(values)}")
+        print(f"{name:>8}: eval  {summary([v[0] for v in values])}")
+        print(f"{'':>8}  whole {summary([v[1] for v in values])}")
+        print(f"{'':>8}  (one evaluation of {CONFIG.eval_iters} batches scatters by +- "
+              f"{statistics.mean(v[2] for v in values):.4f} around the whole-split loss)")
     return results
 
 

@@ -281,7 +281,19 @@ class BatchSampler:
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number i as (x, y), int64 tensors of shape (batch_size, block_size) on the device."""
-        windows = torch.from_numpy(np.stack([self._window(s) for s in self.starts(i)]).astype(np.int64))
+        return self._batch_at(self.starts(i))
+
+    def sequential_batches(self, batch_size: int | None = None):
+        """Every window of the split in order, without overlap: (x, y) batches (the last one smaller) in
+        which each token is a target exactly once, but the few at the end that do not fill a window.
+        For the loss over a whole split; training and `next_batch()` use random windows."""
+        starts = np.arange(0, self.n_tokens - self.block_size, self.block_size)
+        step = batch_size or self.batch_size
+        for i in range(0, len(starts), step):
+            yield self._batch_at(starts[i:i + step])
+
+    def _batch_at(self, starts) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = torch.from_numpy(np.stack([self._window(s) for s in starts]).astype(np.int64))
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         if self.device.type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)

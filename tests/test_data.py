@@ -276,6 +276,20 @@ def test_bounds_every_window_inside_and_last_token_reachable(tmp_path):
     assert last == 59, "the last token must be reachable as a target"
 
 
+@pytest.mark.parametrize("n, block_size, batch_size", [(60, 8, 3), (65, 8, 3), (59, 8, 7), (30, 29, 4)])
+def test_sequential_batches_make_every_token_a_target_once(tmp_path, n, block_size, batch_size):
+    out = data.write_shards(numbers(n), NumberTokenizer(), tmp_path / "s", val_fraction=0.0, shard_tokens=25)
+    sampler = data.BatchSampler(out, "train", batch_size=batch_size, block_size=block_size, seed=3)
+    batches = list(sampler.sequential_batches())
+    assert all(len(x) == batch_size for x, _ in batches[:-1]) and 1 <= len(batches[-1][0]) <= batch_size
+    covered = (n - 1) // block_size * block_size   # whole windows only; a target needs its input token
+    assert torch.cat([x for x, _ in batches]).flatten().tolist() == list(range(covered))
+    assert torch.cat([y for _, y in batches]).flatten().tolist() == list(range(1, covered + 1))
+    assert n - 1 - covered < block_size, "fewer than a window's worth of targets left out"
+    assert sampler.step == 0 and torch.equal(sampler.next_batch()[0], sampler.batch(0)[0]), "random batches untouched"
+    assert [len(x) for x, _ in sampler.sequential_batches(batch_size=1)] == [1] * (covered // block_size)
+
+
 def test_block_size_just_fits(tmp_path):
     out = data.write_shards(numbers(30), NumberTokenizer(), tmp_path / "tiny", val_fraction=0.0)
     x, y = data.BatchSampler(out, "train", batch_size=3, block_size=29).next_batch()

@@ -26,11 +26,15 @@ def trainer_on_draws(bench, tmp_path, match):
 
 
 def test_trainer_matched_to_nanogpt_trains_exactly_as_the_nanogpt_loop(bench, tmp_path, one_thread):
-    reference = bench.nanogpt_loop(1337, preset("shakespeare-char-cpu", **SHORT))
+    reference, reference_model = bench.nanogpt_loop(1337, preset("shakespeare-char-cpu", **SHORT))
+    matched, matched_model = trainer_on_draws(bench, tmp_path, match=True)
     # equal up to how the 4 eval losses are summed (float32 tensor vs Python float)
-    assert trainer_on_draws(bench, tmp_path, match=True) == pytest.approx(reference, abs=1e-6)
+    assert matched == pytest.approx(reference, abs=1e-6)
+    # the same weights, so the same loss over the whole val split
+    whole, eval_std = bench.whole_val_loss(matched_model)
+    assert (whole, eval_std) == bench.whole_val_loss(reference_model) and 0.001 < eval_std < 0.1
     # and the three differences do change the result: the check above is not vacuous
-    assert abs(trainer_on_draws(bench, tmp_path, match=False) - reference) > 1e-4
+    assert abs(trainer_on_draws(bench, tmp_path, match=False)[0] - reference) > 1e-4
 
 
 def test_seed_lists_parse(bench):

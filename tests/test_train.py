@@ -103,6 +103,23 @@ def test_evaluation_uses_the_same_batches_every_time(shards, tmp_path):
     assert set(first) == {"train", "val"} and all(3.5 < v < 5 for v in first.values())  # ~ln(vocab) at init
 
 
+def test_window_losses_average_to_the_loss_over_the_whole_split(shards):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=1, n_head=2, n_embd=16)).train()
+    sampler = BatchSampler(shards, "val", batch_size=4, block_size=32)
+    losses = T.window_losses(model, sampler, batch_size=5)
+    x = torch.cat([x for x, _ in sampler.sequential_batches()])
+    y = torch.cat([y for _, y in sampler.sequential_batches()])
+    assert losses.shape == (len(x),) and len(x) == (sampler.n_tokens - 1) // 32
+    assert model.training, "the model is put back in training mode"
+    model.eval()
+    with torch.no_grad():
+        _, whole = model(x, y)                    # one batch of every window: the model's own mean loss
+        _, third = model(x[2:3], y[2:3])
+    torch.testing.assert_close(losses.mean(), whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(losses[2], third, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
