@@ -94,7 +94,8 @@ def get_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype to train in on `device`: bf16 where supported, fp16 on older CUDA GPUs, else fp32."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # including_emulation=False: a T4 can *emulate* bf16 (slowly), which is not what we want to train in
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 

@@ -26,8 +26,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probabilities sum to >= p.
 
     A token is dropped when the tokens ranked above it already reach p. The most likely token has
-    nothing above it, so it is never dropped: at least one token survives.
+    nothing above it, so it is never dropped: at least one token survives. p >= 1 keeps every token
+    (over 50,000 tokens a float32 running sum reaches 1.0 before the last tiny ones, so the rule alone
+    would drop some). Tokens tied at the edge are ranked by the sort: one twin may stay and the other
+    go, as in Hugging Face's filter (top_k_filter keeps ties).
     """
+    if p >= 1:
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_above = probs.cumsum(dim=-1) - probs   # probability of the tokens ranked above this one
@@ -146,7 +151,7 @@ def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None)
         raise ValueError(f"top_p must be None or a number in (0, 1] (1 keeps every token), got {top_p!r}")
 
 
-def _check_generate_inputs(model, idx, stop_tokens, generator) -> None:
+def _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab) -> None:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"idx must be a (batch, time) tensor of token ids, got {shape}; "
@@ -162,6 +167,8 @@ def _check_generate_inputs(model, idx, stop_tokens, generator) -> None:
     param_device = next(model.parameters()).device
     if idx.device != param_device:
         raise ValueError(f"idx is on {idx.device} but the model on {param_device}: move it with idx.to(device)")
+    if n_vocab is not None and (not isinstance(n_vocab, int) or isinstance(n_vocab, bool) or not 0 < n_vocab <= vocab):
+        raise ValueError(f"n_vocab must be None or an int in [1, {vocab}] (the tokenizer's vocabulary), got {n_vocab!r}")
     bad = [t for t in (stop_tokens or []) if not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
         raise ValueError(f"stop_tokens must be ints in [0, {vocab}), got {bad}")
@@ -172,28 +179,32 @@ def _check_generate_inputs(model, idx, stop_tokens, generator) -> None:
 # %% ../notebooks/07_sampling.ipynb #f82e09bc
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.LongTensor:
+             use_cache: bool = True, generator: torch.Generator | None = None,
+             n_vocab: int | None = None) -> torch.LongTensor:
     """Continue each row of idx (B, T) by up to max_new_tokens tokens; return (B, T + new) token ids.
 
     temperature 0 is greedy. A row ends at its first token in `stop_tokens` (kept in the output); the loop
     stops once every row has ended, and rows that ended earlier are padded with their stop token.
     With `use_cache` (the default) a KV cache makes each step cost one token instead of the whole context.
+    `n_vocab` limits sampling to ids below it: the tokenizer's vocabulary, if the model's is padded past it.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    if stop_tokens is not None and (isinstance(stop_tokens, (int, str)) or not hasattr(stop_tokens, "__iter__")):
+        raise ValueError(f"stop_tokens must be a list of token ids, e.g. [{stop_tokens!r}], got {stop_tokens!r}")
     stop_tokens = None if stop_tokens is None else list(stop_tokens)
-    _check_generate_inputs(model, idx, stop_tokens, generator)
+    _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab)
     idx = idx.long()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             return _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens,
-                             use_cache, generator)
+                             use_cache, generator, n_vocab)
     finally:
         model.train(was_training)
 
 
-def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, generator):
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, generator, n_vocab):
     cache = None
     if use_cache and max_new_tokens > 0:
         # the longest window ever fed: the prompt plus all new tokens but the last, cropped to block_size
@@ -202,7 +213,8 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens
     stops = torch.tensor(stop_tokens or [], dtype=torch.long, device=idx.device)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        next_token = sample_next(next_logits(model, idx, cache), temperature, top_k, top_p, generator)
+        logits = next_logits(model, idx, cache)[:, :n_vocab]   # n_vocab None keeps them all
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)
         if len(stops):
             next_token = torch.where(done[:, None], idx[:, -1:], next_token)  # ended rows repeat their stop token
             done |= torch.isin(next_token[:, 0], stops)

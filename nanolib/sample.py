@@ -54,9 +54,8 @@ def sample(args: argparse.Namespace) -> list[str]:
     texts = []
     for _ in range(args.num_samples):
         out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, generator=generator)
-        # the model's vocabulary may be padded past the tokenizer's (to a multiple of 64): those ids have no text
-        texts.append(tok.decode([t for t in out[0].tolist() if t < tok.n_vocab]))
+                       top_p=args.top_p, generator=generator, n_vocab=tok.n_vocab)  # no padded ids
+        texts.append(tok.decode(out[0].tolist()))
     return texts
 
 

@@ -441,10 +441,11 @@ class Trainer:
         self.scaler.step(self.optimizer)       # fp16: skips the step if a gradient overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        # remember the first step whose loss was not finite, without waiting for the device
+        self.step += 1
+        # remember the first step whose loss was not finite, without waiting for the device; steps are
+        # counted as the log lines count them: step n is the n-th optimizer step
         bad = ~torch.isfinite(loss_sum) & (self._first_bad < 0)
         self._first_bad = torch.where(bad, self.step, self._first_bad)
-        self.step += 1
         return loss_sum, grad_norm
 
     def _all_mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -462,11 +463,14 @@ class Trainer:
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
             first = torch.where(first == torch.iinfo(torch.int64).max, -1, first)
         if (step := int(first)) >= 0:
-            where = Path(self.config.out_dir) / "ckpt.pt"
-            kept = f"the last good checkpoint {where} was kept" if where.exists() else "no checkpoint was written"
-            raise FloatingPointError(
-                f"the loss became non-finite at step {step} (lr {self.lr(step):.3g}); training stopped and "
-                f"{kept}. Lower --learning_rate, check --grad_clip, or resume from the checkpoint")
+            self._stop(f"the loss became non-finite at step {step} (lr {self.lr(step - 1):.3g})")
+
+    def _stop(self, what: str) -> None:
+        # every save is checked first (losses and weights finite), so a checkpoint there is a good one
+        where = Path(self.config.out_dir) / "ckpt.pt"
+        kept = f"the last good checkpoint {where} was kept" if where.exists() else "no checkpoint was written"
+        raise FloatingPointError(f"{what}; training stopped and {kept}. Lower --learning_rate, check "
+                                 "--grad_clip, or resume from the checkpoint")
 
     # ---------------------------------------------------------------- evaluation and checkpoints
     def evaluate(self) -> dict:
@@ -477,6 +481,8 @@ class Trainer:
     def save(self, path=None) -> Path | None:
         """Every process joins (RNG states are gathered); process 0 writes out_dir/ckpt.pt."""
         self.check_finite()                    # never overwrite a good checkpoint with a broken model
+        if not all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters()):
+            self._stop(f"the weights are not finite after step {self.step}, although every loss so far was")
         rngs = [rng_state()]
         if self.world_size > 1:
             rngs = [None] * self.world_size
@@ -490,10 +496,11 @@ class Trainer:
                                rng=rngs, history=self.history, **extra)
 
     # ---------------------------------------------------------------- the loop
-    def _log_step(self, loss, grad_norm, dt: float, n_steps: int) -> dict:
-        loss = self._all_mean(loss)
-        rec = {"step": self.step, "loss": loss.item(), "lr": self.lr(self.step - 1),
-               "grad_norm": grad_norm.item(), "ms": 1000 * dt / max(n_steps, 1)}
+    def _log_step(self, loss, grad_norm, t0: float, n_steps: int) -> dict:
+        loss, grad_norm = self._all_mean(loss).item(), grad_norm.item()  # waits for the device...
+        dt = time.perf_counter() - t0                                      # ...so the clock is read after
+        rec = {"step": self.step, "loss": loss, "lr": self.lr(self.step - 1),
+               "grad_norm": grad_norm, "ms": 1000 * dt / max(n_steps, 1)}
         self.history["train"].append(rec)
         self.check_finite()
         return rec
@@ -501,6 +508,8 @@ class Trainer:
     def _eval_and_save(self, callbacks) -> dict:
         self.check_finite()                    # a broken model gets neither evaluated nor saved
         losses = self.evaluate()
+        if not all(math.isfinite(v) for v in losses.values()):  # the last step broke the weights
+            self._stop(f"the evaluation after step {self.step} gave non-finite losses {losses}")
         rec = {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}
         self.history["eval"].append(rec)
         self.log(f"step {self.step:>5} | eval: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}")
@@ -529,7 +538,7 @@ class Trainer:
             hook("on_step_end")
             bar.update(1)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
-                rec = self._log_step(loss, grad_norm, time.perf_counter() - t0, self.step - last)
+                rec = self._log_step(loss, grad_norm, t0, self.step - last)
                 t0, last = time.perf_counter(), self.step
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                 if not progress:

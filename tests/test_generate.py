@@ -192,6 +192,9 @@ def test_zero_new_tokens_returns_the_prompt_and_dropout_is_off_and_mode_restored
     ({"max_new_tokens": -1}, "max_new_tokens"),
     ({"max_new_tokens": 2.0}, "max_new_tokens"),
     ({"stop_tokens": [37]}, "stop_tokens"),
+    ({"stop_tokens": 3}, r"list of token ids, e\.g\. \[3\]"),
+    ({"n_vocab": 0}, "n_vocab"),
+    ({"n_vocab": 38}, r"n_vocab must be None or an int in \[1, 37\]"),
     ({"idx": torch.zeros(1, 0, dtype=torch.long)}, "empty prompt"),
     ({"idx": torch.tensor([1, 2, 3])}, "batch, time"),
     ({"idx": torch.tensor([[1.0, 2.0]])}, "batch, time"),
@@ -202,6 +205,19 @@ def test_bad_arguments_are_refused(kwargs, match):
     args = {"idx": torch.tensor([[1, 2]]), "max_new_tokens": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(model, **args)
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0, 5.0])
+def test_n_vocab_keeps_padded_ids_out_of_the_samples(temperature):
+    model = make_model(vocab_size=64)              # as if a 40-token vocabulary had been padded to 64
+    with torch.no_grad():
+        model.lm_head.weight[40:] *= 10            # make the padded ids tempting
+    out = generate(model, torch.tensor([[1, 2], [3, 4]]), 30, temperature=temperature, n_vocab=40,
+                   generator=torch.Generator().manual_seed(0))
+    assert out[:, 2:].max() < 40
+    free = generate(model, torch.tensor([[1, 2], [3, 4]]), 30, temperature=temperature,
+                    generator=torch.Generator().manual_seed(0))
+    assert free[:, 2:].max() >= 40                 # without it they do come up: the test can fail
 
 
 def test_check_sampling_args_accepts_the_edges():
@@ -229,6 +245,8 @@ def test_top_p_keeps_the_smallest_nucleus_of_a_crafted_distribution():
         assert kept == set(order[:size]), (p, kept)
     draws = sample_next(logits.expand(5000, 8), top_p=0.7, generator=torch.Generator().manual_seed(0))
     assert set(draws.flatten().tolist()) == {1, 4, 3}          # never outside, and every nucleus member appears
+    wide = torch.randn(3, 50_304, generator=torch.Generator().manual_seed(0)) * 5
+    assert top_p_filter(wide, 1.0).isfinite().all()             # p = 1 keeps every token of a large vocabulary
     one = top_p_filter(logits, 1e-9)                            # tiny p still keeps the most likely token
     assert torch.nonzero(one.isfinite()).flatten().tolist() == [1]
 

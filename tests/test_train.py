@@ -217,11 +217,53 @@ class PoisonAt:
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     trainer = T.Trainer(smoke(shards, tmp_path, max_iters=20, eval_interval=10, log_interval=5), log=quiet)
-    with pytest.raises(FloatingPointError, match=r"non-finite at step 12\b.*last good checkpoint"):
+    # poisoned before step index 12, so the 13th step, which the log lines call "step 13", is the first bad one
+    with pytest.raises(FloatingPointError, match=r"non-finite at step 13\b.*last good checkpoint"):
         trainer.fit(callbacks=[PoisonAt(12)])
     assert trainer.step == 15  # noticed at the next log interval, without a device sync every step
     ckpt = T.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 10 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+class BreakWeightsAfter:
+    """Makes one weight NaN right after step `step`: that step's own loss was finite, the weights are not."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.step == self.step:
+            with torch.no_grad():
+                trainer.raw_model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+
+
+def test_weights_broken_by_the_step_before_an_evaluation_are_never_saved(shards, tmp_path):
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=20, eval_interval=5, log_interval=1), log=quiet)
+    with pytest.raises(FloatingPointError, match=r"evaluation after step 10 gave non-finite.*last good checkpoint"):
+        trainer.fit(callbacks=[BreakWeightsAfter(10)])
+    ckpt = T.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    with pytest.raises(FloatingPointError, match=r"weights are not finite after step 10"):
+        trainer.save()                                     # saving by hand is refused too
+    assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
+
+
+def test_fp16_with_a_grad_scaler_trains_saves_and_resumes_bitwise(shards, tmp_path):
+    """The fp16 path a T4 takes, on the CPU: autocast to float16, a GradScaler whose state is checkpointed."""
+    settings = dict(dtype="float16", max_iters=8, eval_interval=4, log_interval=1)
+    straight = T.Trainer(smoke(shards, tmp_path / "a", **settings), log=quiet)
+    assert straight.scaler.is_enabled()
+    straight.fit()
+    T.Trainer(smoke(shards, tmp_path / "b", **{**settings, "max_iters": 4}), log=quiet).fit()
+    ckpt = T.load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    assert ckpt["scaler"]["scale"] > 1  # the scaler's state travels with the checkpoint
+    resumed = T.Trainer(smoke(shards, tmp_path / "b", **settings, resume=str(tmp_path / "b" / "ckpt.pt")),
+                        log=quiet)
+    assert resumed.scaler.get_scale() == ckpt["scaler"]["scale"]
+    resumed.fit()
+    losses = lambda t: [(r["step"], r["loss"]) for r in t.history["train"]]
+    assert all(math.isfinite(loss) for _, loss in losses(straight))
+    assert losses(resumed) == losses(straight)
 
 
 def test_a_huge_learning_rate_is_reported_by_the_command(shards, tmp_path):
