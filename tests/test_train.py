@@ -204,12 +204,14 @@ def test_resume_continues_the_loss_curve_bitwise(shards, tmp_path):
 # ---------------------------------------------------------------- non-finite losses
 
 class PoisonAt:
-    """Makes one weight NaN just before step `step`, as a numerical blow-up would."""
+    """Makes one weight NaN at step `step`: just before it runs (`when="begin"`, as a numerical blow-up
+    would), or right after it (`when="end"`: that step's own loss was finite, the weights are not)."""
 
-    def __init__(self, step):
+    def __init__(self, step, when="begin"):
         self.step = step
+        setattr(self, f"on_step_{when}", self.poison)
 
-    def on_step_begin(self, trainer):
+    def poison(self, trainer):
         if trainer.step == self.step:
             with torch.no_grad():
                 trainer.raw_model.transformer.wpe.weight[0, 0] = float("nan")
@@ -225,22 +227,10 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert ckpt["step"] == 10 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-class BreakWeightsAfter:
-    """Makes one weight NaN right after step `step`: that step's own loss was finite, the weights are not."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer):
-        if trainer.step == self.step:
-            with torch.no_grad():
-                trainer.raw_model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
-
-
 def test_weights_broken_by_the_step_before_an_evaluation_are_never_saved(shards, tmp_path):
     trainer = T.Trainer(smoke(shards, tmp_path, max_iters=20, eval_interval=5, log_interval=1), log=quiet)
     with pytest.raises(FloatingPointError, match=r"evaluation after step 10 gave non-finite.*last good checkpoint"):
-        trainer.fit(callbacks=[BreakWeightsAfter(10)])
+        trainer.fit(callbacks=[PoisonAt(10, when="end")])
     ckpt = T.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     with pytest.raises(FloatingPointError, match=r"weights are not finite after step 10"):
