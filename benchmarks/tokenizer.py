@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 
-from nanolib.core import data_dir
+from nanolib.data import tinyshakespeare
 from nanolib.tokenizer import GPT4_SPLIT_PATTERN, BPETokenizer, split_chunks, train_merges, train_merges_naive
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
     if args.vocab_size < 256 or args.naive_chars < 0 or args.repeat < 1:
         parser.error("need --vocab-size >= 256, --naive-chars >= 0 and --repeat >= 1")
 
-    text = (data_dir() / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    text = tinyshakespeare().read_text(encoding="utf-8")   # from the cache, or downloaded and verified
     print(f"Tiny Shakespeare: {len(text):,} characters; vocab_size {args.vocab_size}, GPT-4 split")
 
     full_seconds, full_cpu, tok = best_time(

@@ -6,6 +6,7 @@ __all__ = ['SIZES', 'PEAK_BF16_TFLOPS', 'BenchSize', 'peak_tflops', 'flops_per_t
 # %% ../notebooks/05_gpt_init.ipynb #e29e1e04
 import argparse
 import platform
+import re
 import statistics
 import sys
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core import get_device, get_dtype
+from .core import get_device, get_dtype, synchronize
 from .model import GPT, GPTConfig
 
 
@@ -33,16 +34,18 @@ SIZES = {
                       (256, 1024), adamw=False),
 }
 
-# Dense bf16 tensor-core peaks in TFLOPS (vendor data sheets, without sparsity); longest names first.
+# Dense bf16 tensor-core peaks in TFLOPS (vendor data sheets, without sparsity), by a name's whole words.
 PEAK_BF16_TFLOPS = {
-    "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0,
+    "H100 PCIe": 756.0, "H100 NVL": 835.5, "H100": 989.4, "H200 NVL": 835.5, "H200": 989.4, "A100": 312.0,
+    "A10": 125.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
     "RTX 4090": 165.2, "RTX 3090": 71.0, "T4": 65.0, "V100": 125.0,  # T4 and V100: fp16 (no bf16)
 }
 
 
 def peak_tflops(device_name: str) -> float | None:
-    """The device's bf16 peak from PEAK_BF16_TFLOPS by name (the longest matching key), or None."""
-    matches = [k for k in PEAK_BF16_TFLOPS if k.lower() in device_name.lower()]
+    """The device's bf16 peak from PEAK_BF16_TFLOPS by name (the longest key found as whole words), or None.
+    Whole words, so that "RTX A1000" is not an A100 and "L40S" not an L4."""
+    matches = [k for k in PEAK_BF16_TFLOPS if re.search(rf"\b{re.escape(k)}\b", device_name, re.IGNORECASE)]
     return PEAK_BF16_TFLOPS[max(matches, key=len)] if matches else None
 
 
@@ -107,8 +110,7 @@ def run_benchmark(size: str = "cpu-small", device: str | None = None, batch: int
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         step()
-        if cuda:
-            torch.cuda.synchronize(dev)
+        synchronize(dev)   # CUDA and MPS run ahead of Python: wait for the step before reading the clock
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .core import get_device
+from .core import get_device, synchronize
 from .model import GPT, GPTConfig
 
 # %% ../notebooks/07_sampling.ipynb #b5816856
@@ -237,12 +237,10 @@ def time_generation(model: GPT, lengths, repeats: int = 1) -> dict:
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
 
     def seconds(n, use_cache):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)                 # CUDA and MPS run asynchronously: time finished work only
         start = time.perf_counter()
         generate(model, prompt, n, temperature=0, use_cache=use_cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return time.perf_counter() - start
 
     seconds(8, False), seconds(8, True)   # warm up: first calls pay for allocations and kernel choice

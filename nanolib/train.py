@@ -369,7 +369,11 @@ class Trainer:
         if self.world_size == 1:
             return get_device(self.config.device or None)
         import torch.distributed as dist
-        use_cuda = torch.cuda.is_available() and self.config.device in ("", "cuda")
+        kind = torch.device(self.config.device).type if self.config.device else ""
+        if kind not in ("", "cuda", "cpu") or (kind == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"--device={self.config.device} cannot run DDP here: torchrun trains on CUDA GPUs "
+                             f"(NCCL) or on the CPU (gloo); pass --device=cuda on a CUDA machine, or --device=cpu")
+        use_cuda = torch.cuda.is_available() and kind in ("", "cuda")
         device = torch.device(f"cuda:{self.local_rank}") if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
@@ -539,15 +543,15 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
                 rec = self._log_step(loss, grad_norm, t0, self.step - last)
-                t0, last = time.perf_counter(), self.step
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                 if not progress:
                     self.log(f"step {rec['step']:>5} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
                              f"grad norm {rec['grad_norm']:.3f} | {rec['ms']:.1f} ms/step")
                 hook("on_log", rec)
+                t0, last = time.perf_counter(), self.step   # printing and plotting are not step time...
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                 self._eval_and_save(callbacks)
-                t0 = time.perf_counter()       # evaluation time is not step time
+                t0, last = time.perf_counter(), self.step   # ...and neither is evaluation
         bar.close()
         return self.history
 

@@ -512,3 +512,17 @@ def test_zipf_slope_recovers_a_power_law(exponent):
     assert data.zipf_slope(counts) == pytest.approx(-exponent, abs=1e-6)
     with pytest.raises(ValueError):
         data.zipf_slope(np.array([3]))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+def test_atomic_write_gives_the_file_a_normal_mode_not_mkstemps_private_one(tmp_path):
+    from nanolib.core import atomic_write
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "shared.txt", "w") as f:
+            f.write("readable by the group and others, as any file written with open()")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("for comparison")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644

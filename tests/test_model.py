@@ -305,3 +305,8 @@ def test_bench_command_runs_and_counts_flops(capsys):
     assert bench.flops_per_token(GPTConfig(), 123_689_472, 1024) == 6 * 123_689_472 + 12 * 12 * 12 * 64 * 1024
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
     assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0 and bench.peak_tflops("Some New GPU") is None
+    # whole words: an RTX A1000 is no A100, an L40S no L4; the NVL cards run at lower clocks
+    assert bench.peak_tflops("NVIDIA RTX A1000") is None and bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("NVIDIA L40S") == 362.0 and bench.peak_tflops("NVIDIA L40") == 181.0
+    assert bench.peak_tflops("NVIDIA H100 NVL") == bench.peak_tflops("NVIDIA H200 NVL") == 835.5
+    assert bench.peak_tflops("NVIDIA H200") == 989.4 and bench.peak_tflops("Tesla T4") == 65.0

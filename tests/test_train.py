@@ -262,6 +262,32 @@ def test_a_huge_learning_rate_is_reported_by_the_command(shards, tmp_path):
                 "--min_lr=0", "--grad_clip=0"])
 
 
+def test_ms_per_step_counts_training_steps_only(shards, tmp_path, monkeypatch):
+    """A fake clock that only training steps advance: every log line must then say 1000 ms a step, also
+    after an evaluation that falls between two log lines (eval_interval 5, log_interval 2)."""
+    clock = [0.0]
+    monkeypatch.setattr(T.time, "perf_counter", lambda: clock[0])
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=10, eval_interval=5, log_interval=2), log=quiet)
+    real_step = trainer.train_step
+
+    def one_second_step():
+        clock[0] += 1.0
+        return real_step()
+
+    trainer.train_step = one_second_step
+    trainer.fit()
+    assert [(r["step"], r["ms"]) for r in trainer.history["train"]] == [(s, 1000.0) for s in (2, 4, 6, 8, 10)]
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda:0"])
+def test_ddp_refuses_a_device_it_cannot_use_instead_of_falling_back_to_the_cpu(shards, tmp_path, monkeypatch, device):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the device is usable")
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=r"cannot run DDP here"):
+        T.Trainer(smoke(shards, tmp_path, device=device), log=quiet)
+
+
 # ---------------------------------------------------------------- the command line
 
 @pytest.mark.parametrize("argv, message", [
