@@ -13,8 +13,8 @@ import importlib.util
 import os
 import platform
 import random
+import secrets
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -144,12 +144,6 @@ def data_dir() -> Path:
     return path
 
 # %% ../notebooks/00_setup.ipynb #25f7e8ad
-def _umask() -> int:
-    mask = os.umask(0)   # the only way to read it is to set it: put it straight back
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb"):
     """Open a temporary file next to `path`; on success rename it to `path`, on error delete it."""
@@ -157,13 +151,14 @@ def atomic_write(path: str | Path, mode: str = "wb"):
         raise ValueError(f"atomic_write opens files for writing only ('wb' or 'w'), not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # a fresh name, created exclusively, with the mode open() would give (mkstemp's would be private, 0600)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
