@@ -4,6 +4,7 @@ losses, and the command line's errors. Every run is the tiny "smoke" preset on t
 import copy
 import math
 import random
+import shutil
 import subprocess
 import sys
 
@@ -178,6 +179,21 @@ def test_resume_refuses_a_checkpoint_that_does_not_match(shards, tmp_path):
     with pytest.raises(ValueError, match="nothing left to train"):
         T.Trainer(smoke(shards, tmp_path, resume=ckpt, max_iters=2), log=quiet)
     assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_training_follows_eager_training(shards, tmp_path):
+    """The optional torch.compile path (the GPT-2 preset's) on the CPU: same losses, a plain checkpoint."""
+    settings = dict(max_iters=6, eval_interval=6, log_interval=1)
+    eager = T.Trainer(smoke(shards, tmp_path / "eager", **settings), log=quiet)
+    eager.fit()
+    compiled = T.Trainer(smoke(shards, tmp_path / "compiled", compile=True, **settings), log=quiet)
+    compiled.fit()
+    losses = lambda t: [r["loss"] for r in t.history["train"]] + [r["val_loss"] for r in t.history["eval"]]
+    assert compiled.model is not compiled.raw_model               # it really ran the compiled module
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
+    ckpt = T.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")  # the plain GPT's names, not "_orig_mod."
+    assert ckpt["model"].keys() == T.load_checkpoint(tmp_path / "eager" / "ckpt.pt")["model"].keys()
 
 
 # ---------------------------------------------------------------- exact resume
