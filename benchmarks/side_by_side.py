@@ -23,7 +23,8 @@ Three columns:
 Each column gives two figures: `eval`, the val loss of the last evaluation (20 random batches, what
 nanoGPT prints), and `whole`, the loss of the same final model over the whole val split, every character a
 target once (nanolib.train.window_losses). An evaluation of 20 batches of 12 windows is an estimate with a
-standard deviation of about 0.015 at this loss (lesson 06 measures it), as large as the spread over seeds:
+standard deviation of about 0.015 at this loss (predicted from the windows' spread, as lesson 06 shows),
+as large as the spread over seeds:
 compare runs by `whole`, which has no such noise.
 A command, not a test: it prints figures and exits 0.
 """

@@ -151,7 +151,8 @@ def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None)
         raise ValueError(f"top_p must be None or a number in (0, 1] (1 keeps every token), got {top_p!r}")
 
 
-def _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab) -> None:
+def _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab) -> list | None:
+    """Raise ValueError, naming the fix, for inputs generate() cannot use; return stop_tokens as a list."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"idx must be a (batch, time) tensor of token ids, got {shape}; "
@@ -169,12 +170,17 @@ def _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab) -> None:
         raise ValueError(f"idx is on {idx.device} but the model on {param_device}: move it with idx.to(device)")
     if n_vocab is not None and (not isinstance(n_vocab, int) or isinstance(n_vocab, bool) or not 0 < n_vocab <= vocab):
         raise ValueError(f"n_vocab must be None or an int in [1, {vocab}] (the tokenizer's vocabulary), got {n_vocab!r}")
-    bad = [t for t in (stop_tokens or []) if not isinstance(t, int) or not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"stop_tokens must be ints in [0, {vocab}), got {bad}")
+    if stop_tokens is not None:
+        if isinstance(stop_tokens, (int, str)) or not hasattr(stop_tokens, "__iter__"):
+            raise ValueError(f"stop_tokens must be a list of token ids, e.g. [{stop_tokens!r}], got {stop_tokens!r}")
+        stop_tokens = list(stop_tokens)
+        bad = [t for t in stop_tokens if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_tokens must be ints in [0, {vocab}), got {bad}")
     if generator is not None and torch.device(generator.device).type != idx.device.type:
         raise ValueError(f"the generator is on {generator.device} but sampling happens on {idx.device}: "
                          f"make it with torch.Generator(device={str(idx.device)!r})")
+    return stop_tokens
 
 # %% ../notebooks/07_sampling.ipynb #f82e09bc
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -189,10 +195,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     `n_vocab` limits sampling to ids below it: the tokenizer's vocabulary, if the model's is padded past it.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    if stop_tokens is not None and (isinstance(stop_tokens, (int, str)) or not hasattr(stop_tokens, "__iter__")):
-        raise ValueError(f"stop_tokens must be a list of token ids, e.g. [{stop_tokens!r}], got {stop_tokens!r}")
-    stop_tokens = None if stop_tokens is None else list(stop_tokens)
-    _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab)
+    stop_tokens = _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab)
     idx = idx.long()
     was_training = model.training
     model.eval()

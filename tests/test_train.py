@@ -109,8 +109,7 @@ def test_window_losses_average_to_the_loss_over_the_whole_split(shards):
     model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=1, n_head=2, n_embd=16)).train()
     sampler = BatchSampler(shards, "val", batch_size=4, block_size=32)
     losses = T.window_losses(model, sampler, batch_size=5)
-    x = torch.cat([x for x, _ in sampler.sequential_batches()])
-    y = torch.cat([y for _, y in sampler.sequential_batches()])
+    x, y = (torch.cat(parts) for parts in zip(*sampler.sequential_batches()))
     assert losses.shape == (len(x),) and len(x) == (sampler.n_tokens - 1) // 32
     assert model.training, "the model is put back in training mode"
     model.eval()
@@ -299,7 +298,8 @@ def test_ms_per_step_counts_training_steps_only(shards, tmp_path, monkeypatch):
 def test_ddp_refuses_a_device_it_cannot_use_instead_of_falling_back_to_the_cpu(shards, tmp_path, monkeypatch, device):
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the device is usable")
-    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):   # as torchrun sets them
+        monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=r"cannot run DDP here"):
         T.Trainer(smoke(shards, tmp_path, device=device), log=quiet)
 
