@@ -526,3 +526,95 @@ def test_atomic_write_gives_the_file_a_normal_mode_not_mkstemps_private_one(tmp_
     finally:
         os.umask(old)
     assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------- review fixes: errors before any work
+
+@pytest.mark.parametrize("separator", [-1, 256, True, "eot", 2.0])
+def test_a_bad_separator_is_refused_before_anything_is_written(tmp_path, separator):
+    with pytest.raises(ValueError, match="separator must be a token id"):
+        data.write_shards(["ab", "cd"], ByteTokenizer(), tmp_path / "d", separator=separator)
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_numpy_separator_is_stored_as_a_plain_int(tmp_path):
+    out = data.write_shards(["ab", "cd"], ByteTokenizer(), tmp_path / "d", val_fraction=0.0, separator=np.int64(0))
+    assert stream_of(out, "train").tolist() == [97, 98, 0, 99, 100]
+    assert data.read_meta(out)["separator"] == 0
+
+
+def test_extra_meta_json_cannot_store_fails_before_any_shard_is_written(tmp_path):
+    with pytest.raises(ValueError, match="extra_meta must hold only what JSON can store"):
+        data.write_shards(numbers(300), NumberTokenizer(), tmp_path / "d", shard_tokens=50,
+                          extra_meta={"source": tmp_path})  # a Path is not JSON
+    assert not (tmp_path / "d").exists() or sorted((tmp_path / "d").iterdir()) == []
+
+
+def test_a_failing_meta_json_write_leaves_no_shard_behind(tmp_path, monkeypatch):
+    real_atomic_write = data.atomic_write
+
+    @contextlib.contextmanager
+    def meta_fails(path, mode="wb"):
+        if path.name == "meta.json":
+            raise OSError(28, "No space left on device")
+        with real_atomic_write(path, mode) as f:
+            yield f
+
+    monkeypatch.setattr(data, "atomic_write", meta_fails)
+    with pytest.raises(OSError, match="No space"):
+        data.write_shards(numbers(300), NumberTokenizer(), tmp_path / "d", shard_tokens=50)
+    assert sorted((tmp_path / "d").iterdir()) == []
+
+
+def test_ids_out_of_range_are_refused_before_the_cast_could_wrap_them(tmp_path):
+    class Wraps(NumberTokenizer):  # 65,536 + 5 would wrap to 5 in uint16
+        def encode(self, text):
+            return [5, 65_541]
+
+    with pytest.raises(ValueError, match="outside .* in document 0"):
+        data.write_shards(["x"], Wraps(n_vocab=1000), tmp_path / "d")
+
+
+@pytest.mark.parametrize("damage, match", [("{not json", "is damaged"), ('{"format": 1}', "lacks")])
+def test_a_damaged_meta_json_is_named_and_prepare_writes_it_again(tmp_path, damage, match):
+    out = data.write_shards(numbers(300), NumberTokenizer(), tmp_path / "d")
+    (out / "meta.json").write_text(damage)
+    with pytest.raises(ValueError, match=match):
+        data.read_meta(out)
+    with pytest.raises(ValueError, match="write the shards again"):
+        data.BatchSampler(out, "train", batch_size=2, block_size=4)
+    if (data_dir() / "tinyshakespeare.txt").exists():
+        char = data.prepare_tinyshakespeare("char", out_dir=tmp_path / "c")
+        (char / "meta.json").write_text(damage)
+        data.prepare_tinyshakespeare("char", out_dir=char)  # rebuilds instead of raising
+        assert data.read_meta(char)["train_tokens"] == 1_003_854
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, "8"])
+def test_sequential_batches_refuse_a_bad_batch_size(stream_dir, batch_size):
+    sampler = data.BatchSampler(stream_dir, "val", batch_size=4, block_size=8)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        next(sampler.sequential_batches(batch_size=batch_size))
+
+
+def test_a_file_that_is_not_utf8_is_refused_with_the_fix(tmp_path, offline):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text .*re-save it as UTF-8"):
+        data.load_text(latin1, cache_dir=tmp_path / "hf")
+
+
+def test_windows_line_ends_arrive_as_newlines(tmp_path, offline):
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"a\r\nb\r\n")
+    assert list(data.load_text(crlf, cache_dir=tmp_path / "hf")) == ["a\nb\n"]
+
+
+def test_a_hub_configuration_is_passed_on(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kw: calls.append((path, kw)) or
+                        datasets.Dataset.from_dict({"text": ["x"]}))
+    data.load_text("HuggingFaceFW/fineweb", name="sample-10BT")
+    assert calls == [("HuggingFaceFW/fineweb", {"split": "train", "cache_dir": None, "name": "sample-10BT"})]

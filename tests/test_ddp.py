@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from nanolib import train as T
-from nanolib.core import data_dir
+from nanolib.core import tinyshakespeare
 from nanolib.data import write_shards
 from nanolib.tokenizer import CharTokenizer
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    text = (data_dir() / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000]
+    text = tinyshakespeare().read_text(encoding="utf-8")[:60_000]
     return write_shards([text], CharTokenizer.from_text(text), tmp_path_factory.mktemp("shards"))
 
 
