@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 
-from nanolib.data import tinyshakespeare
+from nanolib.core import tinyshakespeare
 from nanolib.tokenizer import GPT4_SPLIT_PATTERN, BPETokenizer, split_chunks, train_merges, train_merges_naive
 
 

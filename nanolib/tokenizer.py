@@ -420,6 +420,9 @@ class BPETokenizer:
 
     def to_tiktoken(self, name: str | None = None) -> tiktoken.Encoding:
         """The same tokenizer as a tiktoken.Encoding: identical ids, encoded by tiktoken's Rust code."""
+        if name in tiktoken.list_encoding_names():  # tokenizer_info would take it for that encoding
+            raise ValueError(f"name {name!r} is the name of tiktoken's own {name!r} encoding, which these merges "
+                             f"are not: pick another name, or leave the default 'nanolib_bpe_{self.vocab_size}'")
         # tiktoken ranks byte strings, not pairs: the token made by merge n has rank 256 + n
         ranks = {token: rank for rank, token in enumerate(self.token_bytes[:self.vocab_size])}
         if len(ranks) != self.vocab_size:
@@ -511,12 +514,28 @@ def _read_bpe_file(path) -> BPETokenizer:
         raise ValueError(f"{path}: {err}; the file is corrupt: save the tokenizer again") from None
 
 # %% ../notebooks/01_tokenizer.ipynb #f359ccb8
+def _is_registered_encoding(enc: tiktoken.Encoding) -> bool:
+    """True if `enc` is the encoding tiktoken registers under `enc.name`, so that the name alone rebuilds it."""
+    registered = gpt2_encoding() if enc.name == "gpt2" else tiktoken.get_encoding(enc.name)  # gpt2: offline
+    if enc is registered:  # tiktoken.get_encoding hands out one cached Encoding per name
+        return True
+    # a copy made by hand, as tiktoken's README extends encodings: compare what it was built from
+    return (enc.n_vocab == registered.n_vocab and enc._pat_str == registered._pat_str
+            and enc._special_tokens == registered._special_tokens
+            and enc._mergeable_ranks == registered._mergeable_ranks)
+
+
 def tokenizer_info(tok) -> dict:
     """A JSON-able dict from which `load_tokenizer` rebuilds `tok` (ours, or a named tiktoken encoding)."""
     if isinstance(tok, tiktoken.Encoding):
         if tok.name not in tiktoken.list_encoding_names():
             raise ValueError(f"tiktoken encoding {tok.name!r} is not one tiktoken can load by name, so its info "
                              "could not rebuild it: store the BPETokenizer it came from instead (its info() "
+                             "holds the merges)")
+        if not _is_registered_encoding(tok):  # else load_tokenizer would silently return another tokenizer
+            raise ValueError(f"this tiktoken.Encoding is named {tok.name!r} but is not tiktoken's {tok.name!r} "
+                             "encoding (its pattern, special tokens or ranks differ), so the name would rebuild "
+                             "a different tokenizer: store the BPETokenizer it came from instead (its info() "
                              "holds the merges)")
         return {"kind": "tiktoken", "name": tok.name}
     if callable(getattr(tok, "info", None)):

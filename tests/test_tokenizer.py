@@ -11,7 +11,7 @@ import torch
 from tiktoken_ext.openai_public import r50k_pat_str
 
 import nanolib.tokenizer as T
-from nanolib.core import data_dir, gpt2_encoding
+from nanolib.core import gpt2_encoding, tinyshakespeare
 
 # GPT-2's pattern as released in openai/gpt-2 src/encoder.py
 GPT2_ORIGINAL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -67,7 +67,7 @@ def ref_encode(text, merges, pattern):
 
 @pytest.fixture(scope="module")
 def shakespeare():
-    return (data_dir() / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    return tinyshakespeare().read_text(encoding="utf-8")  # from the data cache, or downloaded and verified
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +322,27 @@ def test_tokenizer_info_refuses_what_it_cannot_rebuild(tok):
         T.tokenizer_info(tok.to_tiktoken())
     with pytest.raises(TypeError):
         T.tokenizer_info(object())
+
+
+def test_tokenizer_info_refuses_an_encoding_that_only_borrows_a_registered_name(tok):
+    # our merges under GPT-2's name: {"kind": "tiktoken", "name": "gpt2"} would load the real GPT-2
+    for registered in ["gpt2", "cl100k_base"]:
+        with pytest.raises(ValueError, match=f"tiktoken's own '{registered}' encoding"):
+            tok.to_tiktoken(registered)
+    impostor = tok.to_tiktoken()
+    impostor.name = "gpt2"
+    with pytest.raises(ValueError, match="is not tiktoken's 'gpt2' encoding"):
+        T.tokenizer_info(impostor)
+    gpt2 = gpt2_encoding()
+    near = tiktoken.Encoding(name="gpt2", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
+                             special_tokens={"<|endoftext|>": 50256, "<|pad|>": 50257})  # one extra token
+    with pytest.raises(ValueError, match="is not tiktoken's 'gpt2' encoding"):
+        T.tokenizer_info(near)
+    # a faithful copy (built as tiktoken's README extends encodings) is GPT-2 and may be stored as such
+    copy = tiktoken.Encoding(name="gpt2", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
+                             special_tokens=gpt2._special_tokens)
+    assert copy is not gpt2 and T.tokenizer_info(copy) == {"kind": "tiktoken", "name": "gpt2"}
+    assert tok.to_tiktoken("shakespeare").name == "shakespeare"  # any other name is fine
 
 
 BAD_CALLS = {
