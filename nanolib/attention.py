@@ -23,7 +23,9 @@ def _check_config(config) -> None:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused QKV projection, using PyTorch's SDPA kernel.
 
-    Parameter names follow GPT-2 (`c_attn`, `c_proj`) so OpenAI's weights load as they are.
+    Parameter names follow GPT-2's (`c_attn`, `c_proj`, as in Hugging Face's checkpoints), so its weights
+    load by name; GPT-2 stores them as Conv1D weights, (in, out), which lesson 05's loader transposes
+    into `nn.Linear`'s (out, in).
     `cache`, if given, is one layer's KV cache: an object with `.length` (tokens already cached) and
     `.update(k, v) -> (all_k, all_v)`; see lesson 07.
     """

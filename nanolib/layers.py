@@ -12,8 +12,9 @@ from .attention import CausalSelfAttention
 
 # %% ../notebooks/04_mlp_block.ipynb #8b99294f
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension with an optional bias (`nn.LayerNorm` had no `bias=False`
-    before PyTorch 2.1). Parameters `weight` (1s) and `bias` (0s, or None) as GPT-2."""
+    """LayerNorm over the last dimension with an optional bias, as nanoGPT's; the same function as
+    `nn.LayerNorm(ndim, bias=bias, eps=eps)` (PyTorch >= 2.1). Parameters `weight` (1s) and `bias` (0s, or
+    None), named as in `nn.LayerNorm` and Hugging Face's GPT-2 checkpoints."""
 
     def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
         super().__init__()

@@ -138,6 +138,20 @@ def test_dropout_is_off_in_eval_and_on_in_train():
         assert torch.allclose(plain.train()(x), layer(x), atol=1e-6)
 
 
+def test_attention_weight_dropout_alone_acts_in_training_only():
+    """With resid_dropout switched off, only the dropout on the attention weights (SDPA's dropout_p) is
+    left: training-mode calls must still differ, evaluation-mode calls must not."""
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(make_config(dropout=0.5))
+    layer.resid_dropout = nn.Identity()
+    x = torch.randn(2, 6, 12)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x)), "the attention weights must be dropped in training mode"
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x))
+
+
 def test_output_dropout_zeroes_outputs_in_training():
     torch.manual_seed(0)
     layer = CausalSelfAttention(make_config(n_embd=32, n_head=4, dropout=0.5)).train()

@@ -32,6 +32,7 @@ def output_and_grads(module, x, upstream):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_layernorm_matches_nn_layernorm_outputs_and_gradients(bias):
+    torch.manual_seed(0)
     ours = LayerNorm(20, bias=bias)
     ref = nn.LayerNorm(20, bias=bias)
     with torch.no_grad():
@@ -51,6 +52,7 @@ def test_layernorm_matches_nn_layernorm_outputs_and_gradients(bias):
 
 
 def test_layernorm_matches_the_formula():
+    torch.manual_seed(0)
     ln = LayerNorm(10)
     with torch.no_grad():
         ln.weight.normal_(1.0, 0.5), ln.bias.normal_(0.0, 0.5)
@@ -64,8 +66,25 @@ def test_layernorm_matches_the_formula():
 
 def test_layernorm_defaults_and_parameters():
     ln = LayerNorm(8)
+    assert ln.eps == 1e-5, "GPT-2 and nn.LayerNorm use eps = 1e-5"
     assert torch.equal(ln.weight, torch.ones(8)) and torch.equal(ln.bias, torch.zeros(8))
     assert [n for n, _ in LayerNorm(8, bias=False).named_parameters()] == ["weight"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_eps_on_near_constant_input_matches_nn_layernorm(bias):
+    """On a variance of about 1e-6 (a tenth of eps) the output depends on eps and where it sits, so a
+    wrong eps, or eps added outside the square root, shows here (on unit-scale inputs it does not)."""
+    torch.manual_seed(0)
+    ours, ref = LayerNorm(20, bias=bias), nn.LayerNorm(20, bias=bias)
+    x = 1e-3 * torch.randn(3, 7, 20)
+    with torch.no_grad():
+        expected = ref(x)
+        assert torch.allclose(ours(x), expected, atol=1e-5)
+        centred = x - x.mean(-1, keepdim=True)
+        var = (centred**2).mean(-1, keepdim=True)
+        for wrong in (centred / var.sqrt(), centred / (var.sqrt() + 1e-5), centred / (var + 1e-6).sqrt()):
+            assert (wrong - expected).abs().max() > 0.1, "this input must tell eps values apart"
 
 
 @pytest.mark.parametrize("ndim", [0, -3, 2.5, "8"])
@@ -75,6 +94,7 @@ def test_layernorm_bad_size_is_a_clear_error(ndim):
 
 
 def test_mlp_shapes_width_and_parameter_count():
+    torch.manual_seed(0)
     cfg = make_config(n_embd=16)
     mlp = MLP(cfg)
     assert (mlp.c_fc.in_features, mlp.c_fc.out_features) == (16, 64)
