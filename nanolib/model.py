@@ -8,6 +8,7 @@ __all__ = ['INIT_SCHEMES', 'GPT2_HUB_NAMES', 'CONV1D_WEIGHTS', 'WEIGHT_FILES', '
 import json
 import math
 import os
+import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -155,7 +156,8 @@ class GPT(nn.Module):
         folder holding a Hugging Face GPT-2 checkpoint (config.json + model.safetensors or
         pytorch_model.bin). The vocabulary is GPT-2's 50257 (no padding). See lesson 05, section 7."""
         folder = hf_checkpoint_folder(name_or_path, cache_dir=cache_dir)
-        return _load_hf_gpt2(cls, folder, dropout=dropout)
+        hub_name = None if Path(name_or_path).expanduser().exists() else str(name_or_path)
+        return _load_hf_gpt2(cls, folder, dropout=dropout, hub_name=hub_name, cache_dir=cache_dir)
 
 # %% ../notebooks/05_gpt_init.ipynb #ce238674
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -184,8 +186,8 @@ def hf_checkpoint_folder(name_or_path, cache_dir=None) -> Path:
     except ImportError as err:
         raise ImportError("loading from the hub needs huggingface_hub: pip install huggingface_hub") from err
     fix = (f"connect to the internet (and unset HF_HUB_OFFLINE), or download the model once where you have a "
-           f"connection (huggingface-cli download {name} config.json {WEIGHT_FILES[0]} --local-dir DIR) and "
-           f"pass that folder: GPT.from_pretrained('DIR')")
+           f"connection (`hf download {name} config.json {WEIGHT_FILES[0]} --local-dir DIR`, the command line of "
+           f"huggingface_hub >= 1.0) and pass that folder: GPT.from_pretrained('DIR')")
     for weights in WEIGHT_FILES:  # safetensors first; older repositories only have the pickle
         try:
             folder = Path(snapshot_download(name, allow_patterns=["config.json", weights], cache_dir=cache_dir,
@@ -200,15 +202,51 @@ def hf_checkpoint_folder(name_or_path, cache_dir=None) -> Path:
                             f"is it a GPT-2 checkpoint? Try one of {GPT2_HUB_NAMES}")
 
 # %% ../notebooks/05_gpt_init.ipynb #ce8dcc97
-def _read_weights(folder: Path) -> dict:
-    if (folder / "model.safetensors").is_file():
+def _redownload(folder: Path, files: list, hub_name: str | None, cache_dir=None) -> str:
+    """How to replace damaged or mismatched checkpoint files: the `hf download` command that fetches them again."""
+    files = " ".join(files)
+    if hub_name is None:  # the user's own folder: fresh copies into it (OpenAI's 124M as the example)
+        return (f"fetch fresh copies from the repository they came from, e.g. "
+                f"`hf download gpt2 {files} --force-download --local-dir {folder}`")
+    cache = f" --cache-dir {cache_dir}" if cache_dir is not None else ""
+    return f"fetch fresh copies over the cached ones: `hf download {hub_name} {files} --force-download{cache}`"
+
+
+def _read_config(folder: Path, fix) -> dict:
+    path = folder / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError: cut short, or not text at all
+        raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged or truncated, e.g. by an "
+                         f"interrupted download; {fix(['config.json'])}") from err
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds a JSON {type(hf).__name__}, not the object of settings a transformers "
+                         f"config is; {fix(['config.json'])}")
+    return hf
+
+
+def _read_weights(folder: Path, fix) -> tuple[dict, str]:
+    """The checkpoint's tensors and the name of the file they came from."""
+    path = folder / WEIGHT_FILES[0]
+    if path.is_file():
         try:
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
         except ImportError as err:
             raise ImportError("reading model.safetensors needs safetensors: pip install safetensors") from err
-        return load_file(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return load_file(path), path.name
+        except SafetensorError as err:
+            raise ValueError(f"{path} could not be read ({type(err).__name__}: {err}): the file is damaged or "
+                             f"truncated, e.g. by an interrupted download; {fix([path.name])}") from err
+    path = folder / WEIGHT_FILES[1]
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path.name
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # not a pickle, a cut-short zip, empty
+            raise ValueError(f"{path} could not be read as a checkpoint of tensors ({type(err).__name__}): the "
+                             f"file is damaged or truncated, e.g. by an interrupted download (weights_only=False "
+                             f"would not mend it, and can run code hidden in a file); {fix([path.name])}") from err
     raise FileNotFoundError(f"{folder} has no {' or '.join(WEIGHT_FILES)} (sharded checkpoints are not supported)")
 
 
@@ -220,22 +258,31 @@ def _config_from_hf(hf: dict, dropout: float) -> GPTConfig:
     missing = [k for k in shape if k not in hf]
     if missing:
         raise ValueError(f"config.json lacks {missing}: is it a transformers GPT-2 config?")
-    same_math = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
-                 "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-                 "tie_word_embeddings": (True,), "n_inner": (None, 4 * hf["n_embd"])}
-    for key, allowed in same_math.items():
+    four_c = 4 * hf["n_embd"]
+    same_math = {  # key: (the values that compute what this GPT computes, that in words)
+        "activation_function": (("gelu_new", "gelu_pytorch_tanh"), "GELU's tanh approximation ('gelu_new')"),
+        "layer_norm_epsilon": ((1e-5,), "LayerNorms with eps 1e-05"),
+        "scale_attn_weights": ((True,), "attention scores scaled by 1/sqrt(head size) (True)"),
+        "scale_attn_by_inverse_layer_idx": ((False,), "the same attention scale in every layer (False)"),
+        "tie_word_embeddings": ((True,), "a head tied to the token embedding (True)"),
+        "n_inner": ((None, four_c), f"an MLP of width 4 * n_embd = {four_c} (n_inner None or {four_c})"),
+    }
+    for key, (allowed, what) in same_math.items():
         if key in hf and hf[key] not in allowed:
-            raise ValueError(f"checkpoint has {key}={hf[key]!r}; this GPT computes {allowed[0]!r} only")
+            raise ValueError(f"checkpoint has {key}={hf[key]!r}; this GPT computes {what} only")
     return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                      n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
 
 
-def _load_hf_gpt2(cls, folder, dropout: float = 0.0):
-    """Build `cls` (GPT) from a Hugging Face GPT-2 checkpoint folder, transposing the Conv1D weights."""
+def _load_hf_gpt2(cls, folder, dropout: float = 0.0, hub_name: str | None = None, cache_dir=None):
+    """Build `cls` (GPT) from a Hugging Face GPT-2 checkpoint folder, transposing the Conv1D weights.
+    `hub_name` (where the folder came from, None for a folder of the user's) only shapes the error messages."""
     folder = Path(folder)
-    config = _config_from_hf(json.loads((folder / "config.json").read_text()), dropout)
+    fix = lambda files: _redownload(folder, files, hub_name, cache_dir)
+    config = _config_from_hf(_read_config(folder, fix), dropout)
+    weights, weights_file = _read_weights(folder, fix)
     state, head = {}, None
-    for key, value in _read_weights(folder).items():
+    for key, value in weights.items():
         key = key.removeprefix("transformer.")
         if key.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # causal-mask buffers of older checkpoints, not parameters
@@ -247,11 +294,20 @@ def _load_hf_gpt2(cls, folder, dropout: float = 0.0):
         state["transformer." + key] = value.contiguous()
     with torch.device("meta"):  # shapes only: the weights come from the checkpoint
         model = cls(config)
-    expected = model.state_dict().keys() - {"lm_head.weight"}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"{folder} does not match a GPT-2 of this config: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
+                         f"unexpected {unexpected[:4]}. If config.json and {weights_file} come from different "
+                         f"models: {fix(['config.json', weights_file])}")
+    # compared here, before load_state_dict, so that the message says which file to replace
+    wrong = [f"{k} is {tuple(state[k].shape)} in {weights_file}, {tuple(shape)} by config.json"
+             for k, shape in expected.items() if state[k].shape != shape]
+    if wrong:
+        raise ValueError(f"{folder}: config.json (n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
+                         f"n_positions={config.block_size}) does not match the weights: {'; '.join(wrong[:3])}"
+                         f"{' ...' if len(wrong) > 3 else ''}. The two files come from different models: "
+                         f"{fix(['config.json', weights_file])}")
     if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
         raise ValueError(f"{folder}: lm_head.weight differs from wte.weight, but this GPT ties them")
     state["lm_head.weight"] = state["transformer.wte.weight"]

@@ -4,6 +4,7 @@
 __all__ = ['gelu_saturated', 'tanh_saturated', 'TensorStats', 'StatsRecorder', 'format_table', 'plot_histograms', 'plot_curves']
 
 # %% ../notebooks/05_gpt_init.ipynb #082e8c69
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -34,9 +35,9 @@ class TensorStats:
     def of(cls, t: torch.Tensor, saturated: Callable | None = None, max_samples: int = 20_000) -> "TensorStats":
         t = t.detach().float()
         flat = t.flatten()
-        step = max(1, flat.numel() // max_samples)
+        step = max(1, math.ceil(flat.numel() / max_samples))  # rounded up: at most max_samples, end to end
         saturation = None if saturated is None else saturated(t).float().mean().item()
-        return cls(flat.mean().item(), flat.std().item(), saturation, flat[::step][:max_samples].cpu())
+        return cls(flat.mean().item(), flat.std().item(), saturation, flat[::step].cpu())
 
 # %% ../notebooks/05_gpt_init.ipynb #4b28953e
 class StatsRecorder:

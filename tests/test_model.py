@@ -1,6 +1,12 @@
 """nanolib.model: parameter counts, tying, loss at init, init schemes, input checks, and loading Hugging Face
 GPT-2 checkpoints, compared against transformers' own GPT2LMHeadModel."""
+import json
 import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +33,11 @@ def test_gpt2_124m_parameter_counts():
         assert GPT(GPTConfig()).num_params(non_embedding=True) == 124_475_904 - 1024 * 768
 
 
-def test_num_params_counts_every_tensor_once():
+def test_num_params_counts_the_tied_matrix_once():
     model = GPT(tiny())
-    by_tensor = {id(p): p.numel() for p in model.parameters()}
-    assert model.num_params() == sum(by_tensor.values())
+    every_name = dict(model.named_parameters(remove_duplicate=False))  # a shared Parameter under each name
+    assert every_name["lm_head.weight"] is every_name["transformer.wte.weight"]
+    assert model.num_params() == sum(p.numel() for p in every_name.values()) - 97 * 32  # V*C counted once
     # the closed form V*C + T*C + L*(12C^2 + 13C) + 2C
     C, V, T, L = 32, 97, 16, 2
     assert model.num_params() == V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
@@ -69,7 +76,8 @@ def test_targets_minus_one_are_ignored():
 
 
 class _ListCache:
-    """A minimal KV cache of the contract in HELPERS.md, independent of lesson 07's."""
+    """A minimal KV cache of the contract GPT.forward and CausalSelfAttention document (`.length`, `.layer(i)`,
+    a layer's `.update(k, v)` returning all keys and values so far), independent of lesson 07's."""
 
     class _Layer:
         def __init__(self, owner):
@@ -270,6 +278,44 @@ def test_from_pretrained_refuses_other_arithmetic(tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="activation_function"):
         GPT.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"activation_function": "gelu_new", "n_inner": 100}))
+    with pytest.raises(ValueError, match=r"n_inner=100; this GPT computes an MLP of width 4 \* n_embd = 192"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_generate_samples_from_a_loaded_checkpoint(tmp_path):
+    """Lesson 05 says lesson 07's generate works on what from_pretrained returns: greedy decoding matches
+    transformers' model, step by step."""
+    from nanolib.generate import generate
+    hf = _random_hf_gpt2()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    prompt = torch.randint(0, 101, (2, 5))
+    out = generate(ours, prompt, max_new_tokens=6, temperature=0)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            expected = torch.cat([expected, hf(expected).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+def _hf_command(message: str) -> list:
+    """The `hf ...` command an error message names, as argv."""
+    found = re.search(r"`(hf [^`]+)`", message)
+    assert found, f"no `hf ...` command in: {message}"
+    return found.group(1).split()
+
+
+def _assert_hf_command_exists(argv: list) -> None:
+    """The command is installed next to this Python (huggingface_hub >= 1.0 has `hf`, not `huggingface-cli`)
+    and knows the subcommand and every option the message uses."""
+    exe = shutil.which(argv[0], path=str(Path(sys.executable).parent)) or shutil.which(argv[0])
+    assert exe, f"the message names `{argv[0]}`, which is not installed: pip install 'huggingface_hub>=1.0'"
+    help_text = subprocess.run([exe, argv[1], "--help"], capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0, help_text.stderr
+    for option in (a for a in argv if a.startswith("--")):
+        assert option in help_text.stdout, f"`{argv[0]} {argv[1]}` has no {option}"
 
 
 def test_from_pretrained_offline_error_names_the_fix(tmp_path, monkeypatch):
@@ -278,6 +324,52 @@ def test_from_pretrained_offline_error_names_the_fix(tmp_path, monkeypatch):
         GPT.from_pretrained("gpt2", cache_dir=tmp_path / "empty-cache")
     message = str(err.value)
     assert "HF_HUB_OFFLINE" in message and "GPT.from_pretrained('DIR')" in message and "'gpt2'" in message
+    argv = _hf_command(message)
+    assert argv == ["hf", "download", "gpt2", "config.json", "model.safetensors", "--local-dir", "DIR"]
+    _assert_hf_command_exists(argv)
+
+
+# damaged downloads and mismatched files: each error names the file and the command that replaces it
+
+def _cut_in_half(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | changes))
+
+
+@pytest.mark.parametrize("damage, files, message", [
+    (lambda d: _cut_in_half(d / "model.safetensors"), ["model.safetensors"], "could not be read"),
+    (lambda d: _cut_in_half(d / "config.json"), ["config.json"], "is not valid JSON"),
+    (lambda d: (d / "config.json").write_text("[]"), ["config.json"], "holds a JSON list"),
+    (lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(b"garbage")),
+     ["pytorch_model.bin"], "could not be read as a checkpoint of tensors"),
+    (lambda d: _edit_config(d, n_embd=64), ["config.json", "model.safetensors"],
+     r"does not match the weights: transformer.wte.weight is \(101, 48\) in model.safetensors, \(101, 64\)"),
+    (lambda d: _edit_config(d, vocab_size=50304), ["config.json", "model.safetensors"],
+     r"vocab_size=50304.*does not match the weights"),
+    (lambda d: _edit_config(d, n_layer=2), ["config.json", "model.safetensors"], "unexpected"),
+], ids=["truncated-safetensors", "truncated-config", "config-list", "garbage-bin", "n_embd", "vocab", "n_layer"])
+def test_damaged_or_mismatched_files_name_the_file_and_the_fix(tmp_path, damage, files, message):
+    _random_hf_gpt2().save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message) as err:
+        GPT.from_pretrained(tmp_path)
+    text = str(err.value)
+    assert str(tmp_path) in text and "likely succeed" not in text  # not torch.load's advice to unpickle anyway
+    argv = _hf_command(text)
+    assert argv == ["hf", "download", "gpt2", *files, "--force-download", "--local-dir", str(tmp_path)]
+
+
+def test_redownload_hint_for_the_hub_cache():
+    """A damaged file in the hub's cache is fetched again into the cache, not into a folder."""
+    from nanolib.model import _redownload
+    hint = _redownload(Path("/x/snapshots/abc"), ["model.safetensors"], "gpt2-medium", cache_dir="/c")
+    argv = _hf_command(hint)
+    assert argv == ["hf", "download", "gpt2-medium", "model.safetensors", "--force-download", "--cache-dir", "/c"]
+    _assert_hf_command_exists(argv)
 
 
 def test_from_pretrained_bad_paths(tmp_path):
@@ -295,14 +387,46 @@ def test_from_pretrained_bad_paths(tmp_path):
 
 # ---------------------------------------------------------------- the benchmark command (not timed)
 
-def test_bench_command_runs_and_counts_flops(capsys):
+@pytest.mark.parametrize("shape", [dict(n_layer=2, n_embd=64, block_size=32), dict(n_layer=2, n_embd=64, block_size=256),
+                                   dict(n_layer=3, n_embd=96, block_size=128, vocab_size=1000)])
+def test_flops_per_token_matches_pytorchs_flop_counter(shape):
+    """6N + 12 L C T against FlopCounterMode's count of every matmul in one forward and backward pass. The math
+    SDPA backend spells attention out as matmuls the counter sees."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from nanolib.bench import flops_per_token
+    torch.manual_seed(0)
+    config = GPTConfig(**(dict(vocab_size=512, n_head=4) | shape))
+    model = GPT(config)
+    x = torch.randint(0, config.vocab_size, (2, config.block_size))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    counted = counter.get_total_flops() / x.numel()
+    estimate = flops_per_token(config, model.num_params(non_embedding=True), config.block_size)
+    assert counted == pytest.approx(estimate, rel=0.015)
+
+
+def test_bench_command_runs_and_computes_mfu(capsys):
     from nanolib import bench
     result = bench.main(["--size", "cpu-small", "--device", "cpu", "--steps", "1", "--warmup", "0"])
     out = capsys.readouterr().out
     assert "tokens/s" in out and "peak memory" in out and result["tokens_per_s"] > 0
     assert result["batch"] == 12 and result["seq"] == 64 and result["adamw"] and result["mfu"] is None
-    # PaLM appendix B / nanoGPT's estimate_mfu: 6N + 12 L H Q T, with N the non-embedding parameters
-    assert bench.flops_per_token(GPTConfig(), 123_689_472, 1024) == 6 * 123_689_472 + 12 * 12 * 12 * 64 * 1024
+    assert "MFU" not in out  # no peak known for a CPU
+    # with a given peak the MFU is computed on the CPU too: tokens/s x FLOPs per token / peak
+    result = bench.main(["--size", "cpu-small", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                         "--peak-tflops", "0.5"])
+    out = capsys.readouterr().out
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**bench.SIZES["cpu-small"].config))
+    flops = bench.flops_per_token(model.config, model.num_params(non_embedding=True), 64)
+    assert result["peak_tflops"] == 0.5 and result["peak_kind"] == "as given"
+    assert result["mfu"] == pytest.approx(result["tokens_per_s"] * flops / 0.5e12, rel=1e-12)
+    assert f"MFU: {100 * result['mfu']:.1f}% of 0.5 TFLOPS (as given)" in out
+
+
+def test_peak_table_by_device_name():
+    from nanolib import bench
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
     assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0 and bench.peak_tflops("Some New GPU") is None
     # whole words: an RTX A1000 is no A100, an L40S no L4; the NVL cards run at lower clocks
@@ -310,3 +434,8 @@ def test_bench_command_runs_and_counts_flops(capsys):
     assert bench.peak_tflops("NVIDIA L40S") == 362.0 and bench.peak_tflops("NVIDIA L40") == 181.0
     assert bench.peak_tflops("NVIDIA H100 NVL") == bench.peak_tflops("NVIDIA H200 NVL") == 835.5
     assert bench.peak_tflops("NVIDIA H200") == 989.4 and bench.peak_tflops("Tesla T4") == 65.0
+    # V100 by the names CUDA gives: SXM2 125, PCIe 112, V100S 130 TFLOPS of fp16 (Volta has no bf16)
+    assert bench.peak_tflops("Tesla V100-SXM2-16GB") == 125.0 and bench.peak_tflops("Tesla V100-PCIE-32GB") == 112.0
+    assert bench.peak_tflops("Tesla V100S-PCIE-32GB") == 130.0
+    assert [bench.peak_dtype(n) for n in ("Tesla T4", "Tesla V100-PCIE-16GB", "NVIDIA A100-SXM4-40GB", "Foo")] == \
+        ["fp16", "fp16", "bf16", None]

@@ -1,6 +1,8 @@
 """The project's own invariants: nanolib matches its notebooks, notebooks were run top to bottom without
 errors and open with their Colab badge and setup cell, and pip and conda list the same dependencies.
 Each failure message names the command that fixes it."""
+import ast
+import importlib.metadata
 import re
 import sys
 import tomllib
@@ -65,6 +67,41 @@ def test_environment_yml_matches_pyproject():
         f"only in pyproject: {sorted(set(pip_side.items()) - set(conda_side.items()))}\n"
         f"only in environment.yml: {sorted(set(conda_side.items()) - set(pip_side.items()))}\n"
         "edit both so they agree")
+
+
+def _canonical(name: str) -> str:
+    """A distribution name as PEP 503 compares them: 'Huggingface_Hub' -> 'huggingface-hub'."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _third_party_imports(path: Path) -> set:
+    """Top-level names of the absolute imports in a file, anywhere in it (inside functions too), less the
+    standard library and nanolib itself."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "nanolib"}
+
+
+def test_every_import_of_nanolib_is_a_declared_dependency():
+    """A package nanolib imports must be in pyproject's [project] dependencies, not only arrive with another."""
+    declared = set(_names(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]))
+    declared = {_canonical(n) for n in declared}
+    distributions = importlib.metadata.packages_distributions()  # import name -> the distributions providing it
+    problems = []
+    for path in sorted((ROOT / "nanolib").glob("*.py")):
+        for module in sorted(_third_party_imports(path)):
+            provided_by = {_canonical(d) for d in distributions.get(module, [])}
+            if not provided_by:
+                problems.append(f"{path.name} imports {module}, which no installed distribution provides: "
+                                f"install it and add it to pyproject.toml and environment.yml")
+            elif not provided_by & declared:
+                problems.append(f"{path.name} imports {module} (from {sorted(provided_by)}), not a declared "
+                                f"dependency: add it to pyproject.toml's [project] dependencies and environment.yml")
+    assert not problems, "\n".join(problems)
 
 
 def test_nbdev_is_pinned():

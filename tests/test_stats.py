@@ -141,6 +141,19 @@ def test_summary_table_and_sampling():
     assert f"{rows[0]['mean']:+.4f}" in text
 
 
+@pytest.mark.parametrize("n, max_samples", [(39_999, 20_000), (20_001, 20_000), (1_000, 7), (50, 100)])
+def test_sample_is_evenly_strided_over_the_whole_tensor(n, max_samples):
+    """Not a prefix: the sample reaches the end of the tensor, with one stride throughout."""
+    sample = TensorStats.of(torch.arange(n, dtype=torch.float32), max_samples=max_samples).sample
+    if n > max_samples:
+        assert max_samples // 2 < sample.numel() <= max_samples  # a stride of ceil(n / max_samples)
+    else:
+        assert sample.numel() == n
+    strides = sample.diff().unique()
+    assert len(strides) == 1 and sample[0] == 0
+    assert sample[-1] >= n - strides.item(), f"the sample stops at {sample[-1]:.0f} of {n}"
+
+
 def test_tensor_stats_of_known_values():
     s = TensorStats.of(torch.tensor([-4.0, -2.0, 0.0, 2.0]), gelu_saturated)
     assert s.mean == -1.0 and s.std == pytest.approx(np.std([-4, -2, 0, 2], ddof=1)) and s.saturation == 0.25
