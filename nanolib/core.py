@@ -14,7 +14,9 @@ import importlib.util
 import os
 import platform
 import random
+import re
 import secrets
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -32,6 +34,8 @@ REQUIREMENTS = {  # import name -> (distribution name, minimum version)
     "tiktoken": ("tiktoken", "0.7"),
     "regex": ("regex", "2023.0"),
     "datasets": ("datasets", "2.19"),
+    "huggingface_hub": ("huggingface-hub", "0.34"),
+    "safetensors": ("safetensors", "0.4"),
     "tqdm": ("tqdm", "4.66"),
     "matplotlib": ("matplotlib", "3.8"),
     "ipywidgets": ("ipywidgets", "8.0"),
@@ -60,9 +64,9 @@ def check_environment(requirements: dict = REQUIREMENTS, verbose: bool = True) -
             ok, note = False, f"missing: pip install '{dist}>={minimum}'"
         results[module] = ok
         if verbose:
-            print(f"[{'OK' if ok else 'FAIL'}] {module:<11} {note}")
+            print(f"[{'OK' if ok else 'FAIL'}] {module:<15} {note}")
     if verbose:
-        print(f"       python      {platform.python_version()} on {platform.system()} {platform.machine()}")
+        print(f"       {'python':<15} {platform.python_version()} on {platform.system()} {platform.machine()}")
     return results
 
 # %% ../notebooks/00_setup.ipynb #eb8b5927
@@ -203,8 +207,9 @@ def download(url: str, filename: str, sha256: str, folder: str | Path | None = N
 
     The file must have the SHA-256 `sha256`, whether it was cached or has just been downloaded.
     """
-    if not (isinstance(sha256, str) and len(sha256) == 64):
+    if not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
         raise ValueError(f"download needs the file's sha256 as 64 hex digits, got {sha256!r}")
+    sha256 = sha256.lower()  # hashlib's hexdigest() is lower case
     path = Path(folder or data_dir()) / filename
     if path.exists():
         if (got := sha256_file(path)) == sha256:
@@ -213,7 +218,7 @@ def download(url: str, filename: str, sha256: str, folder: str | Path | None = N
                             f"delete it and run again to download it afresh from {url}")
     try:
         _fetch(url, path, sha256)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, HTTPException) as err:
+    except (urllib.error.URLError, ConnectionError, TimeoutError, HTTPException, ssl.SSLError) as err:
         raise DownloadError(
             f"could not download {filename} from {url} ({err}). If this machine is offline, fetch that URL "
             f"on another machine and put the file at {path} (sha256 {sha256})") from err

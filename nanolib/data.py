@@ -5,6 +5,7 @@ __all__ = ['load_text', 'token_dtype', 'write_shards', 'read_meta', 'prepare_tin
            'token_frequencies', 'zipf_slope']
 
 # %% ../notebooks/02_data.ipynb #477335d5
+import codecs
 import contextlib
 import json
 import os
@@ -33,10 +34,14 @@ def load_text(source: str | Path, split: str = "train", text_column: str = "text
     """
     path = Path(source).expanduser()
     if path.is_file():
+        if name is not None:
+            raise ValueError(f"name={name!r} picks a configuration of a hub dataset; a local file has none: "
+                             "leave name out")
         builder = _LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{path} is a {path.suffix or 'suffix-less'} file; load_text reads "
                              f"{', '.join(_LOCAL_BUILDERS)} files: convert it or rename it")
+        _check_utf8(path)  # the text builder fails on other encodings with a vague error, the json one not at all
         options = {"sample_by": "document"} if builder == "text" else {}
         dataset = _load_dataset(builder, data_files={split: str(path)}, split=split,
                                 cache_dir=str(cache_dir or data_dir() / "datasets"), **options)
@@ -55,6 +60,26 @@ def load_text(source: str | Path, split: str = "train", text_column: str = "text
         raise ValueError(f"{source} has no column {text_column!r}; its columns are {dataset.column_names}: "
                          "pass text_column=<one of them>")
     return dataset[text_column]
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8, naming the first bad byte, before datasets reads it."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block, decoded with this one
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                at = offset - pending + err.start
+                raise ValueError(f"{path} is not UTF-8 text (byte {at}: {err.reason}): re-save "
+                                 "it as UTF-8 (most editors offer the encoding under 'Save as')") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (it ends in the middle of a character): re-save it as "
+                         "UTF-8") from None
 
 
 def _quiet() -> bool:
@@ -82,12 +107,6 @@ def _load_dataset(path: str, **kwargs):
     try:
         with _datasets_bars_off(datasets) if _quiet() else contextlib.nullcontext():
             return datasets.load_dataset(path, **kwargs)
-    except datasets.exceptions.DatasetGenerationError as err:  # the real cause is chained below it
-        if isinstance(err.__cause__, UnicodeDecodeError):
-            files = ", ".join(str(f) for f in kwargs.get("data_files", {}).values()) or path
-            raise ValueError(f"{files} is not UTF-8 text ({err.__cause__}): re-save it as UTF-8 "
-                             "(most editors offer the encoding under 'Save as')") from None
-        raise
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         if path in _LOCAL_BUILDERS.values():
             raise

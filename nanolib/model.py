@@ -187,7 +187,7 @@ def hf_checkpoint_folder(name_or_path, cache_dir=None) -> Path:
         raise ImportError("loading from the hub needs huggingface_hub: pip install huggingface_hub") from err
     fix = (f"connect to the internet (and unset HF_HUB_OFFLINE), or download the model once where you have a "
            f"connection (`hf download {name} config.json {WEIGHT_FILES[0]} --local-dir DIR`, the command line of "
-           f"huggingface_hub >= 1.0) and pass that folder: GPT.from_pretrained('DIR')")
+           f"huggingface_hub >= 0.34) and pass that folder: GPT.from_pretrained('DIR')")
     for weights in WEIGHT_FILES:  # safetensors first; older repositories only have the pickle
         try:
             folder = Path(snapshot_download(name, allow_patterns=["config.json", weights], cache_dir=cache_dir,
@@ -244,6 +244,11 @@ def _read_weights(folder: Path, fix) -> tuple[dict, str]:
         try:
             return torch.load(path, map_location="cpu", weights_only=True), path.name
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # not a pickle, a cut-short zip, empty
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            if found:  # intact, but it also pickles an object, which only weights_only=False would rebuild
+                raise ValueError(f"{path} holds an object of type {found.group(1)} besides tensors; nanolib loads checkpoints of "
+                                 "tensors only (unpickling other objects can run code hidden in the file): save "
+                                 "just the model's state_dict, or use model.safetensors") from err
             raise ValueError(f"{path} could not be read as a checkpoint of tensors ({type(err).__name__}): the "
                              f"file is damaged or truncated, e.g. by an interrupted download (weights_only=False "
                              f"would not mend it, and can run code hidden in a file); {fix([path.name])}") from err

@@ -183,3 +183,11 @@ def test_tinyshakespeare_is_fetched_through_download(tmp_path, monkeypatch):
     core.tinyshakespeare(folder=tmp_path)
     assert calls == [((core.TINYSHAKESPEARE_URL, "tinyshakespeare.txt"),
                       {"sha256": core.TINYSHAKESPEARE_SHA256, "folder": tmp_path})]
+
+
+def test_a_hash_in_capitals_is_accepted_and_one_that_is_not_hex_is_refused(tmp_path, server):
+    path = core.download(f"{server}/whole", "f.txt", sha256=PAYLOAD_SHA.upper(), folder=tmp_path)
+    assert path.read_bytes() == PAYLOAD
+    assert core.download(f"{server}/whole", "f.txt", sha256=PAYLOAD_SHA.upper(), folder=tmp_path) == path
+    with pytest.raises(ValueError, match="64 hex digits"):
+        core.download(f"{server}/whole", "g.txt", sha256="z" * 64, folder=tmp_path)

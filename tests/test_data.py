@@ -618,3 +618,16 @@ def test_a_hub_configuration_is_passed_on(monkeypatch):
                         datasets.Dataset.from_dict({"text": ["x"]}))
     data.load_text("HuggingFaceFW/fineweb", name="sample-10BT")
     assert calls == [("HuggingFaceFW/fineweb", {"split": "train", "cache_dir": None, "name": "sample-10BT"})]
+
+
+def test_a_jsonl_file_that_is_not_utf8_is_refused_with_the_fix(tmp_path, offline):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"rows\.jsonl is not UTF-8 text .*re-save it as UTF-8"):
+        data.load_text(bad, cache_dir=tmp_path / "hf")
+
+
+def test_a_configuration_name_is_refused_for_a_local_file(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="a local file has none"):
+        data.load_text(tmp_path / "a.txt", name="sample-10BT")

@@ -308,10 +308,10 @@ def _hf_command(message: str) -> list:
 
 
 def _assert_hf_command_exists(argv: list) -> None:
-    """The command is installed next to this Python (huggingface_hub >= 1.0 has `hf`, not `huggingface-cli`)
+    """The command is installed next to this Python (huggingface_hub >= 0.34 has `hf`; 1.0 removed `huggingface-cli`)
     and knows the subcommand and every option the message uses."""
     exe = shutil.which(argv[0], path=str(Path(sys.executable).parent)) or shutil.which(argv[0])
-    assert exe, f"the message names `{argv[0]}`, which is not installed: pip install 'huggingface_hub>=1.0'"
+    assert exe, f"the message names `{argv[0]}`, which is not installed: pip install 'huggingface_hub>=0.34'"
     help_text = subprocess.run([exe, argv[1], "--help"], capture_output=True, text=True, timeout=60)
     assert help_text.returncode == 0, help_text.stderr
     for option in (a for a in argv if a.startswith("--")):
@@ -361,6 +361,19 @@ def test_damaged_or_mismatched_files_name_the_file_and_the_fix(tmp_path, damage,
     assert str(tmp_path) in text and "likely succeed" not in text  # not torch.load's advice to unpickle anyway
     argv = _hf_command(text)
     assert argv == ["hf", "download", "gpt2", *files, "--force-download", "--local-dir", str(tmp_path)]
+
+
+def test_an_intact_bin_with_a_pickled_object_is_not_called_damaged(tmp_path):
+    import argparse
+
+    from safetensors.torch import load_file
+    _random_hf_gpt2().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(tensors | {"args": argparse.Namespace(lr=1e-3)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"holds an object of type argparse\.Namespace besides tensors.*state_dict") as err:
+        GPT.from_pretrained(tmp_path)
+    assert "damaged" not in str(err.value)
 
 
 def test_redownload_hint_for_the_hub_cache():
