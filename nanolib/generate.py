@@ -46,7 +46,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     """(B, vocab) logits -> (B, 1) next token ids. temperature 0 is greedy: the argmax, no randomness."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted so that the largest is 0: softmax is unchanged, and a tiny temperature sends the others to
+    # -inf instead of overflowing them to inf (inf / inf is nan)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -153,10 +156,13 @@ def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None)
 
 def _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab) -> list | None:
     """Raise ValueError, naming the fix, for inputs generate() cannot use; return stop_tokens as a list."""
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"idx must be a (batch, time) tensor of token ids, got {shape}; "
                          "for one prompt use torch.tensor([ids])")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx holds {idx.dtype}, not token ids the embedding can index (int64 or int32): "
+                         "convert it with idx.long() (shards store ids as uint16)")
     if idx.numel() == 0:
         raise ValueError(f"empty prompt (idx of shape {tuple(idx.shape)}): give at least one token, "
                          "e.g. the id of a newline or of <|endoftext|>")

@@ -10,7 +10,7 @@ import torch
 
 from .core import get_device
 from .generate import check_sampling_args, generate
-from .tokenizer import load_tokenizer
+from .tokenizer import ENDOFTEXT, load_tokenizer
 from .train import load_checkpoint, model_from_checkpoint
 
 # %% ../notebooks/07_sampling.ipynb #09e2601d
@@ -47,7 +47,10 @@ def sample(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"{args.ckpt} carries no tokenizer, so text cannot be encoded for it: save checkpoints "
                          "with save_checkpoint(..., tokenizer_info=tokenizer_info(tok))")
     tok = load_tokenizer(ckpt["tokenizer"])
-    ids = tok.encode(args.prompt)          # raises ValueError, with the reason, for text it cannot encode
+    # raises ValueError, with the reason, for text it cannot encode. <|endoftext|> may be written as text:
+    # it is what separates documents in the shards, the natural start of an unconditional sample
+    special = {"allowed_special": {ENDOFTEXT}} if getattr(tok, "eot_token", None) is not None else {}
+    ids = tok.encode(args.prompt, **special)
     model, _ = model_from_checkpoint(ckpt, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import random
+import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -73,13 +75,15 @@ def evaluate(model: nn.Module, sampler, iters: int, autocast=contextlib.nullcont
     """Mean loss over the same `iters` batches of `sampler` every time (so successive evals compare)."""
     start = sampler.state_dict()
     total = 0.0
-    with eval_mode(model):
-        for _ in range(iters):
-            x, y = sampler.next_batch()
-            with autocast():
-                _, loss = model(x, y)
-            total = total + loss.float()
-    sampler.load_state_dict(start)  # rewind: the next evaluation sees the very same batches
+    try:
+        with eval_mode(model):
+            for _ in range(iters):
+                x, y = sampler.next_batch()
+                with autocast():
+                    _, loss = model(x, y)
+                total = total + loss.float()
+    finally:  # rewind, even after Ctrl-C: the next evaluation sees the very same batches
+        sampler.load_state_dict(start)
     return total / iters
 
 # %% ../notebooks/06_training.ipynb #7165322f
@@ -148,6 +152,14 @@ class TrainConfig:
     def __post_init__(self):
         def fail(key, need):
             raise ValueError(f"TrainConfig.{key} must be {need}, got {getattr(self, key)!r}")
+        # plain Python values only: a checkpoint holding a Path or a numpy number would not load with
+        # weights_only=True (natural in a notebook: out_dir=folder / "run", lr from np.logspace)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):
+                setattr(self, f.name, os.fspath(value))
+            elif isinstance(value, np.generic):
+                setattr(self, f.name, value.item())
         for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps",
                     "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
@@ -155,6 +167,9 @@ class TrainConfig:
         for key in ("vocab_size", "warmup_iters", "seed"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 fail(key, "a non-negative int")
+        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2", "dropout"):
+            if not isinstance(getattr(self, key), (int, float)) or not math.isfinite(getattr(self, key)):
+                fail(key, "a finite number")
         for key in ("weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 fail(key, ">= 0")
@@ -256,6 +271,17 @@ def save_checkpoint(path, model: nn.Module, optimizer, train_config, step: int, 
     return path
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Create out_dir and try writing in it: a bad path then fails before training, not at the first save."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write checkpoints to out_dir={out_dir} ({err}): pass another --out_dir "
+                         "(or --save=false to train without checkpoints)") from None
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint written by `save_checkpoint`, with `weights_only=True` (no code runs on load)."""
     path = Path(path)
@@ -265,6 +291,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, not a torch file, or a pickle that is not plain data
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:  # intact, but holding an object weights_only=True will not rebuild
+            raise ValueError(f"{path} holds an object of type {found.group(1)}, which torch.load(weights_only=True) "
+                             "does not rebuild: it was not written by this version of save_checkpoint; train "
+                             "again") from err
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).split('. ')[0][:120]}); "
                          f"it may be truncated or corrupt: use an earlier checkpoint or train again") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
@@ -328,6 +359,8 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.world_size} processes: "
                              f"pass --batch_size as a multiple of {self.world_size}")
         ckpt = load_checkpoint(cfg.resume) if cfg.resume else None   # a bad checkpoint fails here, early
+        if cfg.save and self.master:
+            _check_out_dir(Path(cfg.out_dir))   # not at the first checkpoint, after eval_interval steps
         self.device = self._setup_device()
         self.dtype = _DTYPES[cfg.dtype] if cfg.dtype else get_dtype(self.device)
         self.data_dir, self.meta = self._setup_data()
@@ -367,7 +400,10 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _setup_device(self) -> torch.device:
         if self.world_size == 1:
-            return get_device(self.config.device or None)
+            try:
+                return get_device(self.config.device or None)
+            except RuntimeError as err:  # asked for a device this machine does not have
+                raise ValueError(str(err)) from None
         import torch.distributed as dist
         kind = torch.device(self.config.device).type if self.config.device else ""
         if kind not in ("", "cuda", "cpu") or (kind == "cuda" and not torch.cuda.is_available()):
@@ -405,7 +441,10 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         self.raw_model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])   # Adam's moments, and the saved groups' settings
+        for group, ours in zip(self.optimizer.param_groups, settings):
+            group.update(ours)  # this run's betas, weight decay and fused flag win over the checkpoint's
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         # only the position: the global batch is the same on any number of processes, so a run saved by
@@ -416,6 +455,11 @@ class Trainer:
         rngs = ckpt["rng"]
         set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else rngs[0])
         self.log(f"resumed from {self.config.resume} at step {self.step}")
+        changed = {k: (v, getattr(self.config, k)) for k, v in ckpt["train_config"].items()
+                   if k not in ("resume", "out_dir") and hasattr(self.config, k) and getattr(self.config, k) != v}
+        if changed:  # allowed (a longer run, another learning rate), but never silently
+            self.log("settings that differ from the checkpoint's: " +
+                     ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
     # ---------------------------------------------------------------- one step
     def lr(self, step: int | None = None) -> float:
@@ -429,16 +473,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            x, y = self.train_data.next_batch()
-            # DDP averages gradients across processes in backward; only the last micro-step needs that
-            sync = self.world_size == 1 or micro == accum - 1
-            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
-                with self.autocast():
-                    _, loss = self.ddp_model(x, y)
-                loss = loss / accum            # the mean over all micro-batches, not the sum
-                self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+        self.optimizer.zero_grad(set_to_none=True)  # nothing left over from a step that was interrupted
+        position = self.train_data.state_dict()
+        try:
+            for micro in range(accum):
+                x, y = self.train_data.next_batch()
+                # DDP averages gradients across processes in backward; only the last micro-step needs that
+                sync = self.world_size == 1 or micro == accum - 1
+                with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                    with self.autocast():
+                        _, loss = self.ddp_model(x, y)
+                    loss = loss / accum            # the mean over all micro-batches, not the sum
+                    self.scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+        except BaseException:  # Ctrl-C half-way: fit() again redoes this step from its first micro-batch
+            self.train_data.load_state_dict(position)
+            raise
         self.scaler.unscale_(self.optimizer)   # fp16: true gradients before measuring and clipping them
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
@@ -649,6 +699,9 @@ def parse_args(argv: list) -> TrainConfig:
             name = value
         elif key == "resume" and not eq:
             resume = True
+        elif key == "resume" and not value:
+            raise ValueError("--resume= is empty (an unset shell variable?): write --resume=PATH, or the bare "
+                             "--resume for OUT_DIR/ckpt.pt")
         elif key in kinds:
             overrides[key] = _parse_value(key, value, kinds[key])
         else:

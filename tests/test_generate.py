@@ -197,7 +197,7 @@ def test_zero_new_tokens_returns_the_prompt_and_dropout_is_off_and_mode_restored
     ({"n_vocab": 38}, r"n_vocab must be None or an int in \[1, 37\]"),
     ({"idx": torch.zeros(1, 0, dtype=torch.long)}, "empty prompt"),
     ({"idx": torch.tensor([1, 2, 3])}, "batch, time"),
-    ({"idx": torch.tensor([[1.0, 2.0]])}, "batch, time"),
+    ({"idx": torch.tensor([[1.0, 2.0]])}, r"idx holds torch.float32.*idx.long\(\)"),
     ({"idx": torch.tensor([[1, 99]])}, r"\[0, 37\)"),
 ])
 def test_bad_arguments_are_refused(kwargs, match):
@@ -369,3 +369,33 @@ def test_bench_command_returns_its_numbers():
         bench(["--bench", "--lengths=0"])
     with pytest.raises(SystemExit):
         bench([])
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    for temperature in (1e-39, 1e-45):
+        assert sample_next(logits, temperature=temperature).flatten().tolist() == [1, 0]
+
+
+def test_a_prompt_of_the_wrong_dtype_names_the_fix():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"idx holds torch.uint16.*idx.long\(\)"):
+        generate(model, torch.tensor([[1, 2]], dtype=torch.uint16), 2)
+
+
+def test_the_sample_command_accepts_endoftext_as_a_prompt(tmp_path, monkeypatch):
+    import nanolib.sample
+    from nanolib.core import gpt2_encoding
+
+    monkeypatch.setattr(nanolib.sample, "load_tokenizer", lambda info: gpt2_encoding())  # GPT-2's tokenizer
+    prompts = []
+
+    def record_the_prompt(model, prompt, *args, **kwargs):
+        prompts.append(prompt.tolist())
+        return prompt
+
+    monkeypatch.setattr(nanolib.sample, "generate", record_the_prompt)
+    save_tiny_checkpoint(tmp_path / "ckpt.pt")
+    texts = nanolib.sample.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=<|endoftext|>", "--device=cpu",
+                                 "--num_samples=1"])
+    assert prompts == [[[50256]]] and texts == ["<|endoftext|>"]

@@ -342,3 +342,87 @@ def test_the_command_trains_saves_and_resumes(shards, tmp_path):
     assert ckpt["step"] == 20
     for (name, p), q in zip(straight.raw_model.named_parameters(), model.parameters()):
         assert torch.equal(p, q), name
+
+
+# ---------------------------------------------------------------- review: resume settings, interrupts, early errors
+
+def test_a_resume_trains_with_its_own_optimizer_settings_and_says_what_changed(shards, tmp_path):
+    T.Trainer(smoke(shards, tmp_path, max_iters=4, eval_interval=4), log=quiet).fit()
+    lines = []
+    resumed = T.Trainer(smoke(shards, tmp_path, max_iters=8, eval_interval=4, weight_decay=0.0, beta2=0.95,
+                              resume=str(tmp_path / "ckpt.pt")), log=lines.append)
+    groups = resumed.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0] and all(g["betas"] == (0.9, 0.95) for g in groups)
+    assert len(resumed.optimizer.state) > 0, "Adam's moments still come from the checkpoint"
+    changed = next(line for line in lines if line.startswith("settings that differ"))
+    assert "max_iters 4 -> 8" in changed and "weight_decay 0.1 -> 0.0" in changed and "beta2 0.99 -> 0.95" in changed
+
+
+def test_paths_and_numpy_numbers_in_the_config_give_a_checkpoint_that_loads(shards, tmp_path):
+    config = T.preset("smoke", data=shards, out_dir=tmp_path / "run", max_iters=2, eval_interval=2,
+                      learning_rate=np.float64(2e-3), batch_size=np.int64(4))
+    assert (config.data, config.out_dir) == (str(shards), str(tmp_path / "run"))
+    assert type(config.learning_rate) is float and type(config.batch_size) is int
+    T.Trainer(config, log=quiet).fit()
+    assert T.load_checkpoint(tmp_path / "run" / "ckpt.pt")["train_config"]["learning_rate"] == 2e-3
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "min_lr", "weight_decay", "grad_clip", "beta2", "dropout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_settings_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{key} must be a finite number"):
+        T.TrainConfig(**{key: value})
+
+
+def test_an_interrupted_step_is_redone_from_its_first_micro_batch(shards, tmp_path):
+    settings = dict(max_iters=3, eval_interval=3, grad_accum_steps=3, save=False)
+    straight = T.Trainer(smoke(shards, tmp_path, **settings), log=quiet)
+    straight.fit()
+    interrupted = T.Trainer(smoke(shards, tmp_path, **settings), log=quiet)
+    real_next_batch, calls = interrupted.train_data.next_batch, []
+
+    def ctrl_c_at_the_second_micro_batch():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_next_batch()
+
+    interrupted.train_data.next_batch = ctrl_c_at_the_second_micro_batch
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    assert interrupted.step == 0 and interrupted.train_data.step == 0, "the data position is where it was"
+    interrupted.fit()   # a half-made gradient is still in .grad: the step must not add onto it
+    losses = lambda t: [r["loss"] for r in t.history["train"]]
+    assert losses(interrupted) == losses(straight)
+
+
+def test_an_interrupted_evaluation_still_rewinds_its_batches(shards):
+    from nanolib.data import BatchSampler
+
+    sampler = BatchSampler(shards, "val", batch_size=2, block_size=8, seed=3)
+    model, calls = GPT(GPTConfig(block_size=8, vocab_size=65, n_layer=1, n_head=1, n_embd=8)), []
+
+    def interrupt_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    model.register_forward_pre_hook(interrupt_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        T.evaluate(model, sampler, iters=5)
+    assert sampler.state_dict()["step"] == 0
+
+
+def test_an_out_dir_that_cannot_be_written_fails_before_training(shards, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot write checkpoints to out_dir=.*--save=false"):
+        T.Trainer(smoke(shards, tmp_path / "a_file" / "run"), log=quiet)
+    T.Trainer(smoke(shards, tmp_path / "a_file" / "run", save=False), log=quiet)   # nothing to write: fine
+
+
+def test_an_empty_resume_and_a_missing_device_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"--resume= is empty"):
+        T.main(["--resume=", f"--out_dir={tmp_path}"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available here"):
+        T.main(["--preset=smoke", "--device=cuda", f"--out_dir={tmp_path}"])
