@@ -7,6 +7,11 @@ PY     := $(VENV)/bin/python
 .PHONY: install lab test export run badges check bench bench-tokenizer bench-nanogpt clean
 
 $(VENV)/.installed: pyproject.toml
+	@if [ -x $(PY) ]; then py=$(PY); else py=$(PYTHON); fi; \
+	$$py -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	echo "make: $$py is Python $$($$py -c 'import platform; print(platform.python_version())'); the course needs 3.11+."; \
+	echo "      Run make with PYTHON=python3.11 (or newer), after rm -rf $(VENV) if that venv was made with the old one."; \
+	exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -e ".[test]"
 	touch $@
@@ -23,10 +28,14 @@ export: install       ## re-export every notebook into nanolib/
 	$(PY) tools/nb.py export
 
 run: install          ## execute one notebook in place, then re-export: make run NB=notebooks/01_tokenizer.ipynb
+	@test -n "$(NB)" || { echo "make: say which notebook: make run NB=notebooks/01_tokenizer.ipynb"; exit 1; }
 	$(PY) tools/nb.py run $(NB)
 
 badges: install       ## rewrite every notebook's Colab badge and setup cell from pyproject.toml
 	$(PY) tools/nb.py badges
+
+clean: install        ## strip metadata noise from every notebook (outputs and execution counts stay)
+	$(PY) tools/nb.py clean
 
 check: install        ## report sync, execution-count, error and badge problems
 	$(PY) tools/nb.py check

@@ -18,3 +18,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def pytest_configure(config):
+    """nbval opens --nbval-sanitize-with relative to the working directory: anchor it at the repository,
+    so that `pytest 03_attention.ipynb` run from notebooks/ (or by an IDE) finds it too."""
+    path = getattr(config.option, "nbval_sanitize_with", None)
+    if path and not os.path.isabs(path):
+        config.option.nbval_sanitize_with = str(config.rootpath / path)

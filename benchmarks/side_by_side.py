@@ -185,7 +185,10 @@ def parse_seeds(text: str) -> list:
     seeds = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
-        seeds += list(range(int(lo), int(hi or lo) + 1))
+        lo, hi = int(lo), int(hi or lo)
+        if hi < lo:
+            raise SystemExit(f"--seeds: the range {part} runs backwards; write {hi}-{lo}")
+        seeds += list(range(lo, hi + 1))
     return seeds
 
 

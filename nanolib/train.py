@@ -579,9 +579,12 @@ class Trainer:
         on_step_end(trainer), on_log(trainer, rec), on_eval(trainer, rec). `progress`: a tqdm bar instead
         of printed step lines. Returns self.history."""
         from tqdm.auto import tqdm
+
+        from nanolib.data import _quiet
         cfg = self.config
         hook = lambda name, *a: [getattr(cb, name)(self, *a) for cb in callbacks if hasattr(cb, name)]
-        quiet = {} if progress and self.master else {"disable": True}  # else TQDM_DISABLE=1 still wins
+        # tqdm.auto's notebook bar ignores TQDM_DISABLE, so read it here (as nanolib.data does)
+        quiet = {} if progress and self.master and not _quiet() else {"disable": True}
         bar = tqdm(total=cfg.max_iters, initial=self.step, unit="step", **quiet)
         if self.step == 0 or not self.history["eval"] or self.history["eval"][-1]["step"] != self.step:
             self._eval_and_save(callbacks)

@@ -119,3 +119,27 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "\nmake test\n" in ci, ".ci/run must call the README's test command"
+
+
+def test_the_package_version_is_pyprojects():
+    import nanolib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert nanolib.__version__ == version, (f"nanolib/__init__.py says {nanolib.__version__}, pyproject.toml "
+                                            f"{version}: a release bumps both (then make badges)")
+
+
+def test_the_environment_check_asks_for_pyprojects_minimum_versions():
+    """Lesson 00's check_environment must not accept what pip would refuse, nor refuse what it accepts."""
+    from nanolib.core import REQUIREMENTS
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = {}
+    for dep in deps:
+        found = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(>=|==)\s*([\w.]+)", dep.split(";")[0].strip())
+        if found:
+            floors[_canonical(found.group(1))] = found.group(3)
+    for module, (dist, minimum) in REQUIREMENTS.items():
+        assert floors.get(_canonical(dist)) == minimum, (
+            f"core.REQUIREMENTS wants {dist}>={minimum}, pyproject.toml says {floors.get(_canonical(dist))}: "
+            "make them agree (lesson 00, then make export)")
