@@ -5,7 +5,6 @@ __all__ = ['load_text', 'token_dtype', 'write_shards', 'read_meta', 'prepare_tin
            'token_frequencies', 'zipf_slope']
 
 # %% ../notebooks/02_data.ipynb #477335d5
-import codecs
 import contextlib
 import json
 import os
@@ -63,23 +62,14 @@ def load_text(source: str | Path, split: str = "train", text_column: str = "text
 
 
 def _check_utf8(path: Path) -> None:
-    """Refuse a file that is not UTF-8, naming the first bad byte, before datasets reads it."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block, decoded with this one
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as err:
-                at = offset - pending + err.start
-                raise ValueError(f"{path} is not UTF-8 text (byte {at}: {err.reason}): re-save "
-                                 "it as UTF-8 (most editors offer the encoding under 'Save as')") from None
-            offset += len(block)
+    """Refuse a file that is not UTF-8 before datasets reads it: decode it once, a megabyte at a time."""
     try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text (it ends in the middle of a character): re-save it as "
-                         "UTF-8") from None
+        with open(path, encoding="utf-8") as f:
+            while f.read(1 << 20):
+                pass
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason}: byte 0x{err.object[err.start]:02x}): re-save "
+                         "it as UTF-8 (most editors offer the encoding under 'Save as')") from None
 
 
 def _quiet() -> bool:

@@ -13,6 +13,7 @@ import torch
 
 from .core import get_device, synchronize
 from .model import GPT, GPTConfig
+from .train import eval_mode
 
 # %% ../notebooks/07_sampling.ipynb #b5816856
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -202,15 +203,9 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     stop_tokens = _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab)
-    idx = idx.long()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens,
-                             use_cache, generator, n_vocab)
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model):   # no dropout while sampling; the model's mode comes back after
+        return _generate(model, idx.long(), max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                         use_cache, generator, n_vocab)
 
 
 def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, generator, n_vocab):

@@ -225,6 +225,12 @@ def _read_config(folder: Path, fix) -> dict:
     return hf
 
 
+def _unpickled_type(err: Exception) -> str | None:
+    """The class torch.load(weights_only=True) refused to rebuild, from its message; None for other errors."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return found.group(1) if found else None
+
+
 def _read_weights(folder: Path, fix) -> tuple[dict, str]:
     """The checkpoint's tensors and the name of the file they came from."""
     path = folder / WEIGHT_FILES[0]
@@ -244,11 +250,10 @@ def _read_weights(folder: Path, fix) -> tuple[dict, str]:
         try:
             return torch.load(path, map_location="cpu", weights_only=True), path.name
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # not a pickle, a cut-short zip, empty
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            if found:  # intact, but it also pickles an object, which only weights_only=False would rebuild
-                raise ValueError(f"{path} holds an object of type {found.group(1)} besides tensors; nanolib loads checkpoints of "
-                                 "tensors only (unpickling other objects can run code hidden in the file): save "
-                                 "just the model's state_dict, or use model.safetensors") from err
+            if kind := _unpickled_type(err):  # intact, but it also pickles an object: not a mere tensor file
+                raise ValueError(f"{path} holds an object of type {kind} besides tensors; nanolib loads "
+                                 "checkpoints of tensors only (unpickling other objects can run code hidden in "
+                                 "the file): save just the model's state_dict, or use model.safetensors") from err
             raise ValueError(f"{path} could not be read as a checkpoint of tensors ({type(err).__name__}): the "
                              f"file is damaged or truncated, e.g. by an interrupted download (weights_only=False "
                              f"would not mend it, and can run code hidden in a file); {fix([path.name])}") from err

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .core import atomic_write, get_device, get_dtype, seed_everything
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, _unpickled_type
 
 # %% ../notebooks/06_training.ipynb #b8b1b3e5
 def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
@@ -291,11 +290,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, not a torch file, or a pickle that is not plain data
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found:  # intact, but holding an object weights_only=True will not rebuild
-            raise ValueError(f"{path} holds an object of type {found.group(1)}, which torch.load(weights_only=True) "
-                             "does not rebuild: it was not written by this version of save_checkpoint; train "
-                             "again") from err
+        if kind := _unpickled_type(err):  # intact, but holding an object weights_only=True will not rebuild
+            raise ValueError(f"{path} holds an object of type {kind}, which torch.load(weights_only=True) does "
+                             "not rebuild: it was not written by this version of save_checkpoint; train again") from err
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).split('. ')[0][:120]}); "
                          f"it may be truncated or corrupt: use an earlier checkpoint or train again") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
