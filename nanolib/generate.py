@@ -198,7 +198,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
 
     temperature 0 is greedy. A row ends at its first token in `stop_tokens` (kept in the output); the loop
     stops once every row has ended, and rows that ended earlier are padded with their stop token.
-    With `use_cache` (the default) a KV cache makes each step cost one token instead of the whole context.
+    With `use_cache` (the default) a KV cache makes each step cost one token instead of the whole context,
+    up to block_size; past it the window slides and each step re-fills the cache (exact, no faster).
     `n_vocab` limits sampling to ids below it: the tokenizer's vocabulary, if the model's is padded past it.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)

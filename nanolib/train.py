@@ -31,8 +31,9 @@ def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: fl
                         betas: tuple = (0.9, 0.95), device_type: str = "cpu") -> torch.optim.AdamW:
     """AdamW with weight decay on the 2-D parameters (matmul and embedding weights) only.
 
-    Biases and LayerNorm gains are 1-D: decaying them towards 0 only hurts. Fused kernel where the
-    device has one (CUDA, and the CPU since PyTorch 2.4): one kernel for all parameters, not a loop.
+    Biases and LayerNorm gains are 1-D: decaying them towards 0 only hurts. Fused on CUDA and on the CPU
+    (PyTorch >= 2.4): one call per group, each tensor updated in one pass. (MPS has one too; we keep the
+    for-loop there.)
     """
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -191,8 +192,9 @@ PRESETS = {
     # nanoGPT's README run for a CPU: char-level Tiny Shakespeare, a 0.8M-parameter model; val loss about
     # 1.905 over the whole val split, 1.87 to 1.92 on the last evaluation of 20 batches (section 13)
     "shakespeare-char-cpu": dict(device="cpu"),
-    # GPT-2 124M as in build-nanogpt: ~0.5M tokens per step (64 x 1024 x 8 micro-steps), 10B tokens
-    # (19073 steps), bf16 and torch.compile on CUDA. Pass --data=FOLDER of GPT-2-token shards
+    # GPT-2 124M with build-nanogpt's settings: ~0.5M tokens per step (64 x 1024 x 8 micro-steps), 10B
+    # tokens (19073 steps), bf16 on CUDA; torch.compile on (build-nanogpt's final script turns it off,
+    # because it broke its HellaSwag eval and sampling, which this trainer does not run). Pass --data=FOLDER of GPT-2-token shards
     # (nanolib.data.write_shards with tiktoken's gpt2). On N GPUs use --batch_size=64*N --grad_accum_steps=8/N.
     "gpt2-124m": dict(data="", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
                       bias=True, batch_size=64, grad_accum_steps=8, learning_rate=6e-4, min_lr=6e-5,

@@ -631,3 +631,23 @@ def test_a_configuration_name_is_refused_for_a_local_file(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(ValueError, match="a local file has none"):
         data.load_text(tmp_path / "a.txt", name="sample-10BT")
+
+# Behaviours no test checked until mutation testing (breaking the code on purpose, one change at a time)
+# showed it: each test below fails on the change it was written for.
+
+
+@pytest.mark.parametrize("bad_id", [-1, 1000])
+def test_ids_just_outside_the_vocabulary_are_refused(tmp_path, bad_id):
+    class Edge(NumberTokenizer):
+        def encode(self, text):
+            return [5, bad_id]
+    with pytest.raises(ValueError, match="outside"):
+        data.write_shards(["x"], Edge(n_vocab=1000), tmp_path / "d")
+
+
+@pytest.mark.skipif(not (data_dir() / "tinyshakespeare.txt").exists(), reason="offline")
+def test_prepare_rewrites_for_another_shard_size(tmp_path):
+    out = data.prepare_tinyshakespeare("char", out_dir=tmp_path / "c")
+    data.prepare_tinyshakespeare("char", out_dir=out, shard_tokens=400_000)
+    meta = data.read_meta(out)
+    assert meta["shard_tokens"] == 400_000 and len(meta["shards"]["train"]) == 3

@@ -44,6 +44,7 @@ def test_two_processes_train_like_one(shards, tmp_path):
     one = T.load_checkpoint(tmp_path / "one" / "ckpt.pt")
     two = T.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
     assert len(two["rng"]) == 2 and len(one["rng"]) == 1            # every rank's RNG state is kept
+    assert not torch.equal(two["rng"][0]["torch"], two["rng"][1]["torch"]), "ranks must draw different dropout masks"
     assert two["train_config"]["batch_size"] == one["train_config"]["batch_size"] == 8
     losses = lambda ck, key, kind: [r[key] for r in ck["history"][kind]]
     assert len(losses(two, "loss", "train")) == 12

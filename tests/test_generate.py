@@ -399,3 +399,79 @@ def test_the_sample_command_accepts_endoftext_as_a_prompt(tmp_path, monkeypatch)
     texts = nanolib.sample.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=<|endoftext|>", "--device=cpu",
                                  "--num_samples=1"])
     assert prompts == [[[50256]]] and texts == ["<|endoftext|>"]
+
+# Behaviours no test checked until mutation testing (breaking the code on purpose, one change at a time)
+# showed it: each test below fails on the change it was written for.
+
+
+def test_rows_that_stop_early_are_padded_not_continued():
+    model = make_model()
+    prompt = torch.tensor([[5, 6, 7], [1, 1, 2]])
+    full = naive_greedy(model, prompt, 20)
+    stop = int(full[1, 3])                          # row 1 stops at its first new token...
+    assert int(full[1, 4]) != stop and stop not in full[0, 3:].tolist()   # ...and would go on otherwise
+    out = generate(model, prompt, 20, temperature=0, stop_tokens=[stop])
+    assert out.shape == (2, 23) and torch.equal(out[0], full[0])
+    assert (out[1, 3:] == stop).all()
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_everything():
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top_k_filter(logits, 50), logits)
+    sample_next(logits, top_k=50, generator=torch.Generator().manual_seed(0))
+
+
+def test_top_p_drops_a_token_once_the_mass_above_it_reaches_p_exactly():
+    logits = torch.zeros(1, 4)                      # four tokens of probability 0.25 exactly
+    assert top_p_filter(logits, 0.5).isfinite().sum() == 2
+    assert top_p_filter(logits, 0.75).isfinite().sum() == 3
+
+
+def test_temperature_is_applied_before_top_p():
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    draws = sample_next(probs.log().expand(2000, 3), temperature=0.25, top_p=0.9,
+                        generator=torch.Generator().manual_seed(0))
+    # at T=0.25 the probabilities are ~[0.87, 0.11, 0.02]: the 0.9-nucleus is {0, 1}, not all three
+    assert set(draws.flatten().tolist()) == {0, 1}
+
+
+def test_next_logits_with_a_cache_that_already_holds_the_prompt():
+    model = make_model()
+    idx = torch.tensor([[1, 2, 3, 4]])
+    cache = KVCache(model, 1, 8)
+    with torch.no_grad():
+        next_logits(model, idx, cache)
+        again = next_logits(model, idx, cache)          # the same prompt again, or a shorter one
+        shorter = next_logits(model, idx[:, :2], cache)
+    torch.testing.assert_close(again, reference_logits(model, idx), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shorter, reference_logits(model, idx[:, :2]), atol=1e-5, rtol=0)
+
+
+def test_sample_command_keeps_padded_ids_out(tmp_path):
+    from nanolib.sample import main
+    from nanolib.tokenizer import CharTokenizer
+    from nanolib.train import save_checkpoint
+    tok = CharTokenizer.from_text("hello world\n")
+    model = make_model(vocab_size=64, std=0.1)            # vocabulary padded past the tokenizer's 9
+    with torch.no_grad():
+        model.lm_head.weight[tok.n_vocab:] *= 20
+    save_checkpoint(tmp_path / "ckpt.pt", model, None, {}, step=0, data_state={}, tokenizer_info=tok.info())
+    for t in ("0", "1.0"):
+        texts = main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=hello", "--max_new_tokens=20",
+                      f"--temperature={t}", "--device=cpu"])
+        assert len(texts[0]) == 25
+
+
+def test_sample_command_passes_top_p_on(tmp_path, monkeypatch):
+    import nanolib.sample
+    save_tiny_checkpoint(tmp_path / "ckpt.pt")
+    seen = []
+    monkeypatch.setattr(nanolib.sample, "generate", lambda model, prompt, *a, **kw: seen.append(kw) or prompt)
+    nanolib.sample.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=hello", "--top_p=0.7", "--top_k=3", "--device=cpu"])
+    assert seen[0]["top_p"] == 0.7 and seen[0]["top_k"] == 3
+
+
+def test_generate_leaves_an_eval_model_in_eval_mode():
+    model = make_model(dropout=0.5)          # make_model returns it in eval mode
+    generate(model, torch.tensor([[1, 2]]), 3)
+    assert not model.training

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nanolib.core import DownloadError
-from nanolib.model import GPT, INIT_SCHEMES, GPTConfig, init_weights
+from nanolib.model import GPT, INIT_SCHEMES, GPTConfig, _config_from_hf, init_weights
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -452,3 +452,22 @@ def test_peak_table_by_device_name():
     assert bench.peak_tflops("Tesla V100S-PCIE-32GB") == 130.0
     assert [bench.peak_dtype(n) for n in ("Tesla T4", "Tesla V100-PCIE-16GB", "NVIDIA A100-SXM4-40GB", "Foo")] == \
         ["fp16", "fp16", "bf16", None]
+
+# Behaviours no test checked until mutation testing (breaking the code on purpose, one change at a time)
+# showed it: each test below fails on the change it was written for.
+
+
+def test_init_weights_resets_layernorm_biases_of_a_trained_model():
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8, bias=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name and name.endswith("bias"):
+                p.fill_(1.0)
+    init_weights(model, "normal")
+    assert all((p == 0).all() for n, p in model.named_parameters() if "ln" in n and n.endswith("bias"))
+
+
+def test_a_config_of_another_architecture_is_refused():
+    hf = {"model_type": "llama", "n_positions": 8, "vocab_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 8}
+    with pytest.raises(ValueError, match="not GPT-2"):
+        _config_from_hf(hf, 0.0)

@@ -426,3 +426,114 @@ def test_an_empty_resume_and_a_missing_device_are_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="CUDA is not available here"):
         T.main(["--preset=smoke", "--device=cuda", f"--out_dir={tmp_path}"])
+
+# Behaviours no test checked until mutation testing (breaking the code on purpose, one change at a time)
+# showed it: each test below fails on the change it was written for.
+
+
+def test_evaluate_turns_dropout_off_and_eval_mode_restores_the_mode_it_found(shards):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16, dropout=0.5)).train()
+    sampler = BatchSampler(shards, "val", batch_size=4, block_size=16)
+    assert T.evaluate(model, sampler, 3) == T.evaluate(model, sampler, 3)   # dropout on: they would differ
+    assert model.training
+    model.eval()
+    with T.eval_mode(model):
+        pass
+    assert not model.training, "a model in eval mode stays in eval mode"
+
+
+def test_the_last_step_is_logged_evaluated_and_saved_off_the_grid(shards, tmp_path):
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=7, eval_interval=5, log_interval=3), log=quiet)
+    history = trainer.fit()
+    assert [r["step"] for r in history["eval"]] == [0, 5, 7]
+    assert [r["step"] for r in history["train"]] == [3, 6, 7]
+    c = trainer.config
+    for r in history["train"]:   # the lr the logged step trained with (step n is optimizer step n-1)
+        assert r["lr"] == pytest.approx(T.lr_at(r["step"] - 1, c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters))
+    assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 7
+
+
+def test_a_non_default_grad_scale_survives_a_resume(shards, tmp_path):
+    first = T.Trainer(smoke(shards, tmp_path, dtype="float16", max_iters=2, eval_interval=2), log=quiet)
+    first.fit()
+    first.scaler.update(1024.0)          # as after a few overflows
+    first.save()
+    resumed = T.Trainer(smoke(shards, tmp_path, dtype="float16", max_iters=4, eval_interval=2,
+                              resume=str(tmp_path / "ckpt.pt")), log=quiet)
+    assert resumed.scaler.get_scale() == 1024.0
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch):
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2), log=quiet)
+    trainer.fit()
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):   # atomic_write hands torch.save an open file
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        trainer.save()
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert not list(tmp_path.glob(".ckpt.pt.*"))   # the temporary file is gone too
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(min_lr=2e-3, learning_rate=1e-3), "min_lr must be between 0 and learning_rate"),
+    (dict(warmup_iters=2000, lr_decay_iters=2000), "warmup_iters must be less than lr_decay_iters"),
+    (dict(beta1=1.0), r"beta1 must be in \[0, 1\)"),
+])
+def test_inconsistent_schedules_and_betas_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        T.TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("override, message", [(dict(block_size=32), r"block_size=16 \(this run: 32\)"),
+                                               (dict(bias=True), r"bias=False \(this run: True\)"),
+                                               (dict(vocab_size=96), r"vocab_size=\d+ \(this run: 96\)")])
+def test_resume_names_every_model_setting_that_differs(shards, tmp_path, override, message):
+    T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2), log=quiet).fit()
+    with pytest.raises(ValueError, match=message):
+        T.Trainer(smoke(shards, tmp_path, resume=str(tmp_path / "ckpt.pt"), **override), log=quiet)
+
+
+def test_train_evaluation_does_not_reuse_the_training_batches(shards, tmp_path):
+    trainer = T.Trainer(smoke(shards, tmp_path, save=False), log=quiet)
+    assert not torch.equal(trainer.eval_data["train"].batch(0)[0], trainer.train_data.batch(0)[0])
+
+
+@pytest.mark.parametrize("text, value", [("1", True), ("yes", True), ("TRUE", True), ("0", False), ("no", False)])
+def test_bool_options_read_every_spelling(text, value):
+    assert T.parse_args([f"--save={text}"]).save is value
+
+
+def test_a_checkpoint_missing_a_key_is_refused(tmp_path):
+    torch.save({"format": T.CKPT_FORMAT, "model": {}}, tmp_path / "part.pt")
+    with pytest.raises(ValueError, match=r"lacks \[.*'rng'\]"):
+        T.load_checkpoint(tmp_path / "part.pt")
+
+
+def test_a_resume_from_a_hand_saved_step_evaluates_first(shards, tmp_path):
+    t = T.Trainer(smoke(shards, tmp_path, max_iters=4, eval_interval=4), log=quiet)
+    t.train_step()
+    t.train_step()
+    t.save()
+    r = T.Trainer(smoke(shards, tmp_path, max_iters=4, eval_interval=4, resume=str(tmp_path / "ckpt.pt")), log=quiet)
+    r.fit()
+    assert [e["step"] for e in r.history["eval"]] == [2, 4]
+
+
+def test_a_vocab_size_smaller_than_the_data_fails_before_training(shards, tmp_path):
+    with pytest.raises(ValueError, match="smaller than the data's"):
+        T.Trainer(smoke(shards, tmp_path, vocab_size=10, save=False), log=quiet)
+
+
+def test_no_checkpoint_before_the_first_step(shards, tmp_path):
+    class Stop:
+        def on_step_begin(self, trainer):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        T.Trainer(smoke(shards, tmp_path), log=quiet).fit(callbacks=[Stop()])
+    assert not (tmp_path / "ckpt.pt").exists()
