@@ -194,8 +194,9 @@ PRESETS = {
     "shakespeare-char-cpu": dict(device="cpu"),
     # GPT-2 124M with build-nanogpt's settings: ~0.5M tokens per step (64 x 1024 x 8 micro-steps), 10B
     # tokens (19073 steps), bf16 on CUDA; torch.compile on (build-nanogpt's final script turns it off,
-    # because it broke its HellaSwag eval and sampling, which this trainer does not run). Pass --data=FOLDER of GPT-2-token shards
-    # (nanolib.data.write_shards with tiktoken's gpt2). On N GPUs use --batch_size=64*N --grad_accum_steps=8/N.
+    # because it broke its HellaSwag eval and sampling, which this trainer does not run). Pass
+    # --data=FOLDER of GPT-2-token shards (nanolib.data.write_shards with tiktoken's gpt2).
+    # On N GPUs use --batch_size=64*N --grad_accum_steps=8/N.
     "gpt2-124m": dict(data="", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
                       bias=True, batch_size=64, grad_accum_steps=8, learning_rate=6e-4, min_lr=6e-5,
                       warmup_iters=715, lr_decay_iters=19073, max_iters=19073, beta2=0.95,

@@ -645,7 +645,7 @@ def test_ids_just_outside_the_vocabulary_are_refused(tmp_path, bad_id):
         data.write_shards(["x"], Edge(n_vocab=1000), tmp_path / "d")
 
 
-@pytest.mark.skipif(not (data_dir() / "tinyshakespeare.txt").exists(), reason="offline")
+@needs_shakespeare
 def test_prepare_rewrites_for_another_shard_size(tmp_path):
     out = data.prepare_tinyshakespeare("char", out_dir=tmp_path / "c")
     data.prepare_tinyshakespeare("char", out_dir=out, shard_tokens=400_000)

@@ -274,13 +274,14 @@ def test_temperature():
 
 # ---------------------------------------------------------------- the commands
 
-def save_tiny_checkpoint(path, tokenizer_info="char"):
-    """A checkpoint written by lesson 06's save_checkpoint, of a tiny random model with a char tokenizer."""
+def save_tiny_checkpoint(path, tokenizer_info="char", model=None):
+    """A checkpoint written by lesson 06's save_checkpoint, of `model` (default: a tiny random one) with a
+    char tokenizer of 9 characters."""
     from nanolib.tokenizer import CharTokenizer
     from nanolib.train import save_checkpoint
 
     tok = CharTokenizer.from_text("hello world\n")
-    model = make_model(vocab_size=tok.n_vocab, std=0.1)
+    model = make_model(vocab_size=tok.n_vocab, std=0.1) if model is None else model
     info = tok.info() if tokenizer_info == "char" else tokenizer_info
     save_checkpoint(path, model, None, {"note": "test"}, step=0, data_state={}, tokenizer_info=info)
     return model, tok
@@ -449,13 +450,10 @@ def test_next_logits_with_a_cache_that_already_holds_the_prompt():
 
 def test_sample_command_keeps_padded_ids_out(tmp_path):
     from nanolib.sample import main
-    from nanolib.tokenizer import CharTokenizer
-    from nanolib.train import save_checkpoint
-    tok = CharTokenizer.from_text("hello world\n")
     model = make_model(vocab_size=64, std=0.1)            # vocabulary padded past the tokenizer's 9
     with torch.no_grad():
-        model.lm_head.weight[tok.n_vocab:] *= 20
-    save_checkpoint(tmp_path / "ckpt.pt", model, None, {}, step=0, data_state={}, tokenizer_info=tok.info())
+        model.lm_head.weight[9:] *= 20                    # make the padded ids tempting
+    save_tiny_checkpoint(tmp_path / "ckpt.pt", model=model)
     for t in ("0", "1.0"):
         texts = main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=hello", "--max_new_tokens=20",
                       f"--temperature={t}", "--device=cpu"])
