@@ -366,10 +366,11 @@ def test_bench_command_returns_its_numbers():
 
     timings = bench(["--bench", "--lengths=2,3", "--repeats=1", "--device=cpu"])
     assert list(timings) == [2, 3] and all(a > 0 and b > 0 for a, b in timings.values())
-    with pytest.raises(SystemExit):
-        bench(["--bench", "--lengths=0"])
-    with pytest.raises(SystemExit):
-        bench([])
+    plain = bench(["--bench", "--lengths=2", "--repeats=1", "--device=cpu", "--matvec=torch"])
+    assert list(plain) == [2]
+    for argv in (["--bench", "--lengths=0"], [], ["--bench", "--matvec=fast"]):
+        with pytest.raises(SystemExit):
+            bench(argv)
 
 
 def test_a_tiny_temperature_is_greedy_not_nan():
@@ -473,3 +474,103 @@ def test_generate_leaves_an_eval_model_in_eval_mode():
     model = make_model(dropout=0.5)          # make_model returns it in eval mode
     generate(model, torch.tensor([[1, 2]]), 3)
     assert not model.training
+
+
+# ---------------------------------------------------------------- the batched one-row product (CPU)
+
+@pytest.mark.parametrize("out_features, in_features, shape", [(48, 16, (1, 16)), (64, 16, (1, 1, 16)),
+                                                              (16, 64, (64,))])
+def test_one_row_linear_computes_what_f_linear_does(out_features, in_features, shape):
+    import torch.nn.functional as F
+    from nanolib.generate import one_row_linear
+
+    torch.manual_seed(0)
+    weight, bias, row = torch.randn(out_features, in_features), torch.randn(out_features), torch.randn(shape)
+    for b in (None, bias):
+        torch.testing.assert_close(one_row_linear(row, weight, b), F.linear(row, weight, b), atol=1e-5, rtol=1e-5)
+
+
+def route_counter(monkeypatch):
+    """Record the input shape of every product handed to one_row_linear."""
+    import nanolib.generate as G
+
+    calls, real = [], G.one_row_linear
+    monkeypatch.setattr(G, "one_row_linear", lambda *args, **kwargs: calls.append(args[0].shape) or
+                        real(*args, **kwargs))
+    return calls
+
+
+def test_use_one_row_linear_routes_only_one_fp32_row_on_the_cpu(monkeypatch):
+    from nanolib.generate import use_one_row_linear
+
+    calls = route_counter(monkeypatch)
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleDict({"even": torch.nn.Linear(4, 8), "odd": torch.nn.Linear(4, 7),
+                                  "bf16": torch.nn.Linear(4, 8).bfloat16(), "strided": torch.nn.Linear(4, 8),
+                                  "subclass": type("MyLinear", (torch.nn.Linear,), {})(4, 8)})
+    layers.strided.weight = torch.nn.Parameter(torch.randn(4, 8).t())   # not contiguous
+    row, rows = torch.randn(1, 1, 4), torch.randn(2, 4)
+    expected = {name: layer(row.to(layer.weight.dtype)) for name, layer in layers.items()}
+    with torch.no_grad(), use_one_row_linear(layers):
+        for name, layer in layers.items():                 # each gives what it gave before
+            torch.testing.assert_close(layer(row.to(layer.weight.dtype)), expected[name])
+        layers.even(rows)                                  # two rows: F.linear
+        with pytest.raises(RuntimeError):                  # a wrong width gets F.linear's own error
+            layers.even(torch.randn(1, 5))
+    layers.even(row)                                       # outside the block
+    assert calls == [(1, 1, 4)]                            # only the even fp32 contiguous nn.Linear, one row
+    assert all("forward" not in vars(layer) for layer in layers.values())
+
+
+def test_use_one_row_linear_restores_the_layers_after_an_error_and_nests():
+    from nanolib.generate import use_one_row_linear
+
+    layer = torch.nn.Linear(4, 8)
+    with pytest.raises(KeyError):
+        with use_one_row_linear(layer):
+            assert "forward" in vars(layer)
+            raise KeyError("inside")
+    assert "forward" not in vars(layer)
+    with use_one_row_linear(layer):
+        patched = vars(layer)["forward"]
+        with use_one_row_linear(layer):                    # the inner block leaves the outer one's forward
+            assert vars(layer)["forward"] is patched
+        assert vars(layer)["forward"] is patched
+    assert "forward" not in vars(layer)
+
+
+def test_cached_logits_with_one_row_linear_equal_the_plain_forward_pass():
+    from nanolib.generate import use_one_row_linear
+
+    model = make_model()
+    tokens = torch.randint(0, 37, (1, 20), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(model, 1, model.config.block_size)
+    with torch.no_grad():
+        for t in range(1, 21):
+            expected = reference_logits(model, tokens[:, :t])
+            with use_one_row_linear(model):
+                cached = next_logits(model, tokens[:, :t], cache)
+            torch.testing.assert_close(cached, expected, atol=1e-5, rtol=0, msg=f"step with {t} tokens")
+
+
+def test_generate_uses_batched_matvec_on_the_cpu_unless_told_not_to(monkeypatch):
+    calls = route_counter(monkeypatch)
+    model, prompt = make_model(), torch.tensor([[1, 2, 3]])
+    batched = generate(model, prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    n_layers_products = 2 * 4        # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj); the odd lm_head is not
+    assert len(calls) == n_layers_products * 5   # 5 one-token steps: positions 4 to 8 of the window
+    plain = generate(model, prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0),
+                     batched_matvec=False)
+    assert len(calls) == n_layers_products * 5 and torch.equal(batched, plain)
+
+
+def test_bench_passes_its_matvec_choice_to_generate(monkeypatch, capsys):
+    import nanolib.generate as G
+
+    seen = []
+    monkeypatch.setattr(G, "time_generation", lambda model, lengths, repeats, batched_matvec:
+                        seen.append(batched_matvec) or {n: (1.0, 0.5) for n in lengths})
+    G.bench(["--bench", "--lengths=4", "--device=cpu"])
+    G.bench(["--bench", "--lengths=4", "--device=cpu", "--matvec=torch"])
+    assert seen == [True, False]
+    assert "matvec: torch" in capsys.readouterr().out
