@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['BENCH_CONFIG', 'top_k_filter', 'top_p_filter', 'sample_next', 'LayerKVCache', 'KVCache', 'next_logits',
-           'one_row_linear', 'is_one_cpu_row', 'use_one_row_linear', 'check_sampling_args', 'generate',
+           'one_row_linear', 'can_use_one_row_linear', 'use_one_row_linear', 'check_sampling_args', 'generate',
            'time_generation', 'bench']
 
 # %% ../notebooks/07_sampling.ipynb #fa8321d4
@@ -153,29 +153,30 @@ def one_row_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     The same result, to float rounding. On the course's CPU, with two threads, MKL's batched routine reads
     the weights two to three times faster than the one-row product F.linear asks for (lesson 07, section
-    6). out_features must be even.
+    6). weight must be 2-D and contiguous, with an even number of rows.
     """
     out_features, in_features = weight.shape
     halves = weight.view(2, out_features // 2, in_features)
     # the row as one column shared by both halves (expand copies nothing). Laid out like this, a transposed
-    # row, torch hands it to MKL's batched routine as it is; a column made by input.reshape(1, -1, 1)
-    # measured slower than F.linear
+    # row, it reaches MKL's batched routine as a plain (N, N) product; a column made by
+    # input.reshape(1, -1, 1) goes with other transpose flags and measured slower than F.linear
     column = input.reshape(1, in_features).t().expand(2, in_features, 1)
     out = torch.bmm(halves, column).reshape(*input.shape[:-1], out_features)
     return out if bias is None else out + bias
 
 
-def is_one_cpu_row(input: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Can one_row_linear do this product: one fp32 row on the CPU, and an even number of contiguous weight
-    rows?"""
+def can_use_one_row_linear(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One fp32 row on the CPU, outside autocast (which would run F.linear in bf16), and an even number of
+    contiguous weight rows?"""
     return (input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
             and input.numel() == input.size(-1) == weight.size(1)
             and weight.size(0) % 2 == 0 and weight.is_contiguous())
 
 
 def _linear_forward(linear: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """nn.Linear's forward, with the products one_row_linear can do done by it."""
-    if is_one_cpu_row(input, linear.weight):
+    if can_use_one_row_linear(input, linear.weight):
         return one_row_linear(input, linear.weight, linear.bias)
     return F.linear(input, linear.weight, linear.bias)
 
@@ -187,16 +188,20 @@ def use_one_row_linear(model: torch.nn.Module):
 
     Each layer gets a `forward` attribute of its own, which Python finds before the class's method;
     deleting it brings the class's back. Layers that already have their own (set by another wrapper, or
-    by an enclosing use_one_row_linear) and subclasses of nn.Linear are left alone.
+    by an enclosing use_one_row_linear) and subclasses of nn.Linear are left alone. The change is on the
+    layer objects, so other threads using the model meanwhile see it too (with the same results), and a
+    copy or pickle of the model made inside the block keeps it.
     """
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    patched = {id(linear): functools.partial(_linear_forward, linear) for linear in linears}
     for linear in linears:
-        linear.forward = functools.partial(_linear_forward, linear)
+        linear.forward = patched[id(linear)]
     try:
         yield model
     finally:
         for linear in linears:
-            del linear.forward
+            if vars(linear).get("forward") is patched[id(linear)]:   # ours, not replaced meanwhile
+                del linear.forward
 
 # %% ../notebooks/07_sampling.ipynb #6d0128ca
 def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None) -> None:
@@ -257,14 +262,14 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     With `use_cache` (the default) a KV cache makes each step cost one token instead of the whole context,
     up to block_size; past it the window slides and each step re-fills the cache (exact, no faster).
     `n_vocab` limits sampling to ids below it: the tokenizer's vocabulary, if the model's is padded past it.
-    On the CPU, `batched_matvec` computes one-row products with one_row_linear (see use_one_row_linear):
-    the same numbers, faster where BLAS's one-row product is slow.
+    On a CPU where PyTorch uses MKL, `batched_matvec` computes one-row products with one_row_linear (see
+    use_one_row_linear): the same numbers, faster where MKL's one-row product is slow (lesson 07, section 6).
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     stop_tokens = _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab)
-    on_cpu = idx.device.type == "cpu"
-    fast_matvec = use_one_row_linear(model) if batched_matvec and on_cpu else contextlib.nullcontext()
-    with torch.no_grad(), eval_mode(model), fast_matvec:   # eval: no dropout; the model's mode comes back after
+    mkl_cpu = idx.device.type == "cpu" and torch.backends.mkl.is_available()   # where it was measured
+    matvec = use_one_row_linear(model) if batched_matvec and mkl_cpu else contextlib.nullcontext()
+    with torch.no_grad(), eval_mode(model), matvec:   # eval: no dropout; the model's mode comes back after
         return _generate(model, idx.long(), max_new_tokens, temperature, top_k, top_p, stop_tokens,
                          use_cache, generator, n_vocab)
 

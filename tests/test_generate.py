@@ -495,8 +495,12 @@ def route_counter(monkeypatch):
     import nanolib.generate as G
 
     calls, real = [], G.one_row_linear
-    monkeypatch.setattr(G, "one_row_linear", lambda *args, **kwargs: calls.append(args[0].shape) or
-                        real(*args, **kwargs))
+
+    def recording(input, *args, **kwargs):
+        calls.append(input.shape)
+        return real(input, *args, **kwargs)
+
+    monkeypatch.setattr(G, "one_row_linear", recording)
     return calls
 
 
@@ -526,6 +530,8 @@ def test_use_one_row_linear_restores_the_layers_after_an_error_and_nests():
     from nanolib.generate import use_one_row_linear
 
     layer = torch.nn.Linear(4, 8)
+    with use_one_row_linear(layer) as same:
+        assert same is layer
     with pytest.raises(KeyError):
         with use_one_row_linear(layer):
             assert "forward" in vars(layer)
@@ -553,15 +559,38 @@ def test_cached_logits_with_one_row_linear_equal_the_plain_forward_pass():
             torch.testing.assert_close(cached, expected, atol=1e-5, rtol=0, msg=f"step with {t} tokens")
 
 
-def test_generate_uses_batched_matvec_on_the_cpu_unless_told_not_to(monkeypatch):
+def test_one_row_linear_stays_out_of_autocast():
+    from nanolib.generate import use_one_row_linear
+
+    layer, row = torch.nn.Linear(4, 8), torch.randn(1, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(row)
+        with use_one_row_linear(layer):
+            got = layer(row)
+    assert expected.dtype == got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+def test_generate_uses_batched_matvec_on_an_mkl_cpu_unless_told_not_to(monkeypatch):
     calls = route_counter(monkeypatch)
     model, prompt = make_model(), torch.tensor([[1, 2, 3]])
     batched = generate(model, prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0))
-    n_layers_products = 2 * 4        # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj); the odd lm_head is not
-    assert len(calls) == n_layers_products * 5   # 5 one-token steps: positions 4 to 8 of the window
+    products_per_step = 2 * 4        # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj); the odd lm_head is not
+    routed = products_per_step * 5   # 5 one-token steps: positions 4 to 8 of the window
+    assert len(calls) == (routed if torch.backends.mkl.is_available() else 0)
     plain = generate(model, prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0),
                      batched_matvec=False)
-    assert len(calls) == n_layers_products * 5 and torch.equal(batched, plain)
+    assert len(calls) == (routed if torch.backends.mkl.is_available() else 0) and torch.equal(batched, plain)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="generate uses one_row_linear only with MKL")
+def test_time_generation_passes_batched_matvec_on(monkeypatch):
+    from nanolib.generate import time_generation
+
+    calls = route_counter(monkeypatch)
+    time_generation(make_model(), [3], batched_matvec=False)
+    assert calls == []
+    time_generation(make_model(), [3])
+    assert len(calls) > 0
 
 
 def test_bench_passes_its_matvec_choice_to_generate(monkeypatch, capsys):
