@@ -192,15 +192,15 @@ def use_one_row_linear(model: torch.nn.Module):
     layer objects, so other threads using the model meanwhile see it too (with the same results), and a
     copy or pickle of the model made inside the block keeps it.
     """
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)]
-    patched = {id(linear): functools.partial(_linear_forward, linear) for linear in linears}
-    for linear in linears:
-        linear.forward = patched[id(linear)]
+    patched = [(m, functools.partial(_linear_forward, m)) for m in model.modules()
+               if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    for linear, forward in patched:
+        linear.forward = forward
     try:
         yield model
     finally:
-        for linear in linears:
-            if vars(linear).get("forward") is patched[id(linear)]:   # ours, not replaced meanwhile
+        for linear, forward in patched:
+            if vars(linear).get("forward") is forward:   # ours, not replaced meanwhile
                 del linear.forward
 
 # %% ../notebooks/07_sampling.ipynb #6d0128ca

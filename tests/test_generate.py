@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nanolib.generate import (KVCache, check_sampling_args, generate, next_logits, sample_next, top_k_filter,
-                              top_p_filter)
+from nanolib.generate import (KVCache, check_sampling_args, generate, next_logits, one_row_linear, sample_next,
+                              time_generation, top_k_filter, top_p_filter, use_one_row_linear)
 from nanolib.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -481,9 +482,6 @@ def test_generate_leaves_an_eval_model_in_eval_mode():
 @pytest.mark.parametrize("out_features, in_features, shape", [(48, 16, (1, 16)), (64, 16, (1, 1, 16)),
                                                               (16, 64, (64,))])
 def test_one_row_linear_computes_what_f_linear_does(out_features, in_features, shape):
-    import torch.nn.functional as F
-    from nanolib.generate import one_row_linear
-
     torch.manual_seed(0)
     weight, bias, row = torch.randn(out_features, in_features), torch.randn(out_features), torch.randn(shape)
     for b in (None, bias):
@@ -505,8 +503,6 @@ def route_counter(monkeypatch):
 
 
 def test_use_one_row_linear_routes_only_one_fp32_row_on_the_cpu(monkeypatch):
-    from nanolib.generate import use_one_row_linear
-
     calls = route_counter(monkeypatch)
     torch.manual_seed(0)
     layers = torch.nn.ModuleDict({"even": torch.nn.Linear(4, 8), "odd": torch.nn.Linear(4, 7),
@@ -527,8 +523,6 @@ def test_use_one_row_linear_routes_only_one_fp32_row_on_the_cpu(monkeypatch):
 
 
 def test_use_one_row_linear_restores_the_layers_after_an_error_and_nests():
-    from nanolib.generate import use_one_row_linear
-
     layer = torch.nn.Linear(4, 8)
     with use_one_row_linear(layer) as same:
         assert same is layer
@@ -546,8 +540,6 @@ def test_use_one_row_linear_restores_the_layers_after_an_error_and_nests():
 
 
 def test_cached_logits_with_one_row_linear_equal_the_plain_forward_pass():
-    from nanolib.generate import use_one_row_linear
-
     model = make_model()
     tokens = torch.randint(0, 37, (1, 20), generator=torch.Generator().manual_seed(2))
     cache = KVCache(model, 1, model.config.block_size)
@@ -560,8 +552,6 @@ def test_cached_logits_with_one_row_linear_equal_the_plain_forward_pass():
 
 
 def test_one_row_linear_stays_out_of_autocast():
-    from nanolib.generate import use_one_row_linear
-
     layer, row = torch.nn.Linear(4, 8), torch.randn(1, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = layer(row)
@@ -575,17 +565,15 @@ def test_generate_uses_batched_matvec_on_an_mkl_cpu_unless_told_not_to(monkeypat
     model, prompt = make_model(), torch.tensor([[1, 2, 3]])
     batched = generate(model, prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0))
     products_per_step = 2 * 4        # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj); the odd lm_head is not
-    routed = products_per_step * 5   # 5 one-token steps: positions 4 to 8 of the window
-    assert len(calls) == (routed if torch.backends.mkl.is_available() else 0)
+    routed = products_per_step * 5 if torch.backends.mkl.is_available() else 0   # 5 one-token steps (positions 4-8)
+    assert len(calls) == routed
     plain = generate(model, prompt, 12, temperature=0.8, generator=torch.Generator().manual_seed(0),
                      batched_matvec=False)
-    assert len(calls) == (routed if torch.backends.mkl.is_available() else 0) and torch.equal(batched, plain)
+    assert len(calls) == routed and torch.equal(batched, plain)
 
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="generate uses one_row_linear only with MKL")
 def test_time_generation_passes_batched_matvec_on(monkeypatch):
-    from nanolib.generate import time_generation
-
     calls = route_counter(monkeypatch)
     time_generation(make_model(), [3], batched_matvec=False)
     assert calls == []
