@@ -3,6 +3,7 @@
     python benchmarks/side_by_side.py                      # seed 1337, the three columns (about 5 min on 2 cores)
     python benchmarks/side_by_side.py --seeds 1337-1342 --only nanogpt,trainer   # the spread over six seeds
     python benchmarks/side_by_side.py --match              # the middle column made bit-for-bit nanoGPT
+    python benchmarks/side_by_side.py --seeds 1337-1342 --only trainer --sampling=epochs  # every window once
 
 The config is nanoGPT's README command for a CPU: char-level Tiny Shakespeare, 4 layers, 4 heads, 128 wide,
 block 64, batch 12, lr 1e-3 to 1e-4 over 2000 iterations, warmup 100, beta2 0.99, dropout 0, evaluation every
@@ -19,7 +20,8 @@ Three columns:
   prints the nanogpt column's figure: the Trainer's machinery is nanoGPT's.
 - trainer: `python -m nanolib.train --preset=shakespeare-char-cpu --seed=SEED`, which draws batch i from
   (seed, i) so that resume and DDP are exact. For one seed it sees other windows than nanoGPT does, so its
-  final loss differs by chance: compare the columns over several seeds, not one.
+  final loss differs by chance: compare the columns over several seeds, not one. `--sampling=epochs` makes
+  it read every window once per epoch instead of drawing windows with replacement (lesson 02).
 Each column gives two figures: `eval`, the val loss of the last evaluation (20 random batches, what
 nanoGPT prints), and `whole`, the loss of the same final model over the whole val split, every character a
 target once (nanolib.train.window_losses). An evaluation of 20 batches of 12 windows is an estimate with a
@@ -168,13 +170,15 @@ def whole_val_loss(model: nn.Module, cfg=CONFIG) -> tuple:
     return losses.mean().item(), losses.std().item() / math.sqrt(cfg.eval_iters * cfg.batch_size)
 
 
-def run(column: str, seed: int, match: bool) -> tuple:
-    """(last evaluation's val loss, whole-split val loss, an evaluation's std) of one column's run."""
+def run(column: str, seed: int, match: bool, sampling: str = "random") -> tuple:
+    """(last evaluation's val loss, whole-split val loss, an evaluation's std) of one column's run;
+    `sampling` is the trainer column's."""
     if column == "nanogpt":
         last_eval, model = nanogpt_loop(seed)
     else:
         with tempfile.TemporaryDirectory() as out_dir:
-            config = preset("shakespeare-char-cpu", seed=seed, save=False, out_dir=out_dir)
+            config = preset("shakespeare-char-cpu", seed=seed, save=False, out_dir=out_dir,
+                            sampling=sampling if column == "trainer" else "random")
             trainer = TrainerOnNanoGPTDraws(config, match) if column == "draws" else Trainer(config, log=lambda *a: None)
             last_eval, model = final_val_loss(trainer)
     return (last_eval, *whole_val_loss(model))
@@ -204,6 +208,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", default="nanogpt,draws,trainer", help="columns, comma-separated")
     parser.add_argument("--match", action="store_true",
                         help="the draws column also takes nanoGPT's exact GELU, plain AdamW and warmup")
+    parser.add_argument("--sampling", default="random", choices=["random", "epochs"],
+                        help="how the trainer column draws its windows: with replacement, or each once per epoch")
     args = parser.parse_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
@@ -213,7 +219,8 @@ def main(argv=None) -> dict:
     if not columns or set(columns) - {"nanogpt", "draws", "trainer"}:
         parser.error(f"--only takes nanogpt, draws and trainer, comma-separated; got {args.only!r}")
     print(f"final val loss, nanoGPT's CPU config, {torch.get_num_threads()} threads"
-          + (", draws column --match" if args.match else ""))
+          + (", draws column --match" if args.match else "")
+          + (f", trainer column --sampling={args.sampling}" if args.sampling != "random" else ""))
     print(f"{'':>6} " + "".join(f"{name:>20} {'':>5} " for name in columns))
     print(f"{'seed':>6} " + "".join(f"{'eval':>10}{'whole':>10} {'(s)':>5} " for _ in columns))
     results = {name: [] for name in columns}
@@ -221,7 +228,7 @@ def main(argv=None) -> dict:
         row = f"{seed:>6} "
         for name in columns:
             start = time.perf_counter()
-            results[name].append(run(name, seed, args.match))
+            results[name].append(run(name, seed, args.match, args.sampling))
             last_eval, whole, _ = results[name][-1]
             row += f"{last_eval:>10.4f}{whole:>10.4f} {time.perf_counter() - start:>5.0f} "
         print(row, flush=True)

@@ -126,6 +126,7 @@ class TrainConfig:
     # batch_size counts all processes together (each of N DDP processes takes batch_size // N)
     batch_size: int = 12
     grad_accum_steps: int = 1
+    sampling: str = "random"         # "random": windows drawn with replacement (nanoGPT); "epochs": each once
     # AdamW and the learning-rate schedule
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -184,6 +185,9 @@ class TrainConfig:
                 fail(key, "in [0, 1)")
         if self.dtype not in ("", *_DTYPES):
             fail("dtype", f"one of {['', *_DTYPES]}")
+        from nanolib.data import SAMPLINGS
+        if self.sampling not in SAMPLINGS:
+            fail("sampling", f"one of {list(SAMPLINGS)} (with replacement, or every window once per epoch)")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
@@ -194,12 +198,13 @@ PRESETS = {
     "shakespeare-char-cpu": dict(device="cpu"),
     # GPT-2 124M with build-nanogpt's settings: ~0.5M tokens per step (64 x 1024 x 8 micro-steps), 10B
     # tokens (19073 steps), bf16 on CUDA; torch.compile on (build-nanogpt's final script turns it off,
-    # because it broke its HellaSwag eval and sampling, which this trainer does not run). Pass
-    # --data=FOLDER of GPT-2-token shards (nanolib.data.write_shards with tiktoken's gpt2).
-    # On N GPUs use --batch_size=64*N --grad_accum_steps=8/N.
+    # because it broke its HellaSwag eval and sampling, which this trainer does not run). Every window
+    # once per epoch: it reads its corpus about once, and random windows would leave ~37% of it unread
+    # (lesson 02). Pass --data=FOLDER of GPT-2-token shards (nanolib.data.write_shards with tiktoken's
+    # gpt2). On N GPUs use --batch_size=64*N --grad_accum_steps=8/N.
     "gpt2-124m": dict(data="", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
-                      bias=True, batch_size=64, grad_accum_steps=8, learning_rate=6e-4, min_lr=6e-5,
-                      warmup_iters=715, lr_decay_iters=19073, max_iters=19073, beta2=0.95,
+                      bias=True, batch_size=64, grad_accum_steps=8, sampling="epochs", learning_rate=6e-4,
+                      min_lr=6e-5, warmup_iters=715, lr_decay_iters=19073, max_iters=19073, beta2=0.95,
                       eval_interval=250, eval_iters=20, log_interval=10, compile=True),
     # seconds on a CPU, for tests and for trying the command
     "smoke": dict(device="cpu", n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8,
@@ -382,7 +387,8 @@ class Trainer:
         from nanolib.data import BatchSampler
         per_rank = cfg.batch_size // self.world_size
         make = lambda split, seed: BatchSampler(self.data_dir, split, per_rank, cfg.block_size, device=self.device,
-                                                seed=seed, rank=self.rank, world_size=self.world_size)
+                                                seed=seed, rank=self.rank, world_size=self.world_size,
+                                                sampling=cfg.sampling)
         self.train_data = make("train", cfg.seed)
         self.eval_data = {"train": make("train", cfg.seed + 1), "val": make("val", cfg.seed)}
         self.step = 0

@@ -313,32 +313,90 @@ def test_batches_follow_the_contract_and_repeat(stream_dir):
     assert torch.equal(a.batch(3)[0], data.BatchSampler(stream_dir, "train", 5, 12, seed=42).batch(3)[0])
 
 
-def test_union_of_ranks_is_one_process_with_the_global_batch(stream_dir):
+@pytest.mark.parametrize("sampling", ["random", "epochs"])
+def test_union_of_ranks_is_one_process_with_the_global_batch(stream_dir, sampling):
     world = 3
-    ranks = [data.BatchSampler(stream_dir, "train", batch_size=2, block_size=10, seed=9, rank=r, world_size=world)
-             for r in range(world)]
-    single = data.BatchSampler(stream_dir, "train", batch_size=2 * world, block_size=10, seed=9)
-    for _ in range(5):
+    ranks = [data.BatchSampler(stream_dir, "train", batch_size=2, block_size=10, seed=9, rank=r, world_size=world,
+                               sampling=sampling) for r in range(world)]
+    single = data.BatchSampler(stream_dir, "train", batch_size=2 * world, block_size=10, seed=9, sampling=sampling)
+    for _ in range(20):   # epochs: 89 windows of 10, so batches 14 and 15 cross into the second epoch
         per_rank = [r.next_batch() for r in ranks]
         x, y = single.next_batch()
         assert torch.equal(torch.cat([b[0] for b in per_rank]), x)
         assert torch.equal(torch.cat([b[1] for b in per_rank]), y)
 
 
-def test_state_dict_resume_is_exact(stream_dir):
-    a = data.BatchSampler(stream_dir, "train", batch_size=4, block_size=16, seed=11)
-    for _ in range(7):
+@pytest.mark.parametrize("sampling", ["random", "epochs"])
+def test_state_dict_resume_is_exact(stream_dir, sampling):
+    a = data.BatchSampler(stream_dir, "train", batch_size=4, block_size=16, seed=11, sampling=sampling)
+    for _ in range(13):   # epochs: 55 windows of 16, so the resumed batches cross into the second epoch
         a.next_batch()
     state = json.loads(json.dumps(a.state_dict()))  # as a checkpoint would store it
-    assert state["seed"] == 11 and state["step"] == 7
+    assert state["seed"] == 11 and state["step"] == 13 and state["sampling"] == sampling
     expected = [a.next_batch() for _ in range(4)]
-    b = data.BatchSampler(stream_dir, "train", batch_size=4, block_size=16, seed=0)
+    b = data.BatchSampler(stream_dir, "train", batch_size=4, block_size=16, seed=0, sampling=sampling)
     b.load_state_dict(state)
     for (xe, ye), (xb, yb) in zip(expected, [b.next_batch() for _ in range(4)]):
         assert torch.equal(xe, xb) and torch.equal(ye, yb)
     assert b.state_dict() == a.state_dict()
     with pytest.raises(ValueError, match="batch_size"):
-        data.BatchSampler(stream_dir, "train", batch_size=8, block_size=16).load_state_dict(state)
+        data.BatchSampler(stream_dir, "train", batch_size=8, block_size=16, sampling=sampling).load_state_dict(state)
+    other = "random" if sampling == "epochs" else "epochs"
+    with pytest.raises(ValueError, match=f"sampling={other!r} but the state was saved with {sampling!r}"):
+        data.BatchSampler(stream_dir, "train", batch_size=4, block_size=16, sampling=other).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- sampling="epochs"
+
+@pytest.mark.parametrize("n, block_size, batch_size", [(1000, 10, 7), (1000, 16, 64), (60, 8, 3), (61, 8, 5),
+                                                       (30, 20, 4), (30, 29, 2), (40, 13, 40)])
+def test_epochs_read_every_window_of_a_shifted_tiling_once(tmp_path, n, block_size, batch_size):
+    """Epoch e: windows_per_epoch starts phase, phase + T, phase + 2T, ... in some order, each once, all
+    inside the split; tokens i are the number i, so x[:, 0] is the start and rows are real windows."""
+    out = data.write_shards(numbers(n), NumberTokenizer(), tmp_path / "s", val_fraction=0.0, shard_tokens=25)
+    sampler = data.BatchSampler(out, "train", batch_size=batch_size, block_size=block_size, seed=5,
+                                sampling="epochs")
+    per_epoch = sampler.windows_per_epoch
+    assert per_epoch == max(1, (n - block_size) // block_size)
+    batches = [sampler.next_batch() for _ in range(4 * per_epoch // batch_size + 1)]   # 4 epochs, in batches
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert torch.equal(x, x[:, :1] + torch.arange(block_size)) and torch.equal(y, x + 1), "windows of the stream"
+    assert int(x.min()) >= 0 and int(y.max()) <= n - 1, "every window inside the split"
+    starts = x[:, 0].numpy()
+    for e in range(4):
+        epoch = starts[e * per_epoch:(e + 1) * per_epoch]
+        phase = int(epoch.min())
+        assert 0 <= phase < block_size
+        assert sorted(epoch - phase) == list(range(0, per_epoch * block_size, block_size)), f"epoch {e}"
+    assert n - per_epoch * block_size < 2 * block_size, "an epoch leaves fewer than two windows' worth out"
+
+
+def test_epochs_change_order_and_phase_between_epochs_and_seeds(stream_dir):
+    def epoch_starts(seed, e, per_epoch=89):   # 900 train tokens, windows of 10: (900 - 10) // 10 per epoch
+        s = data.BatchSampler(stream_dir, "train", batch_size=1, block_size=10, seed=seed, sampling="epochs")
+        assert s.windows_per_epoch == per_epoch
+        return np.concatenate([s.starts(i) for i in range(e * per_epoch, (e + 1) * per_epoch)])
+    epochs = [epoch_starts(3, e) for e in range(4)]
+    assert len({int(e.min()) for e in epochs}) > 1, "the phase moves between epochs"
+    assert len({tuple((e - e.min()) // 10) for e in epochs}) == 4, "each epoch its own order"
+    assert not np.array_equal(epoch_starts(4, 0), epochs[0]), "another seed, other batches"
+    assert np.array_equal(epoch_starts(3, 2), epochs[2]), "a pure function of (seed, batch number)"
+
+
+def test_random_sampling_leaves_a_third_unread_where_epochs_read_everything(tmp_path):
+    """Over one pass (n / block_size windows), random windows miss about 1/e of the tokens; epochs none."""
+    out = data.write_shards(numbers(20_000), NumberTokenizer(n_vocab=20_000), tmp_path / "s", val_fraction=0.0)
+    seen = {}
+    for sampling in ("random", "epochs"):
+        sampler = data.BatchSampler(out, "train", batch_size=20, block_size=10, seed=1, sampling=sampling)
+        targets = torch.cat([sampler.next_batch()[1] for _ in range(1999 // 20)])   # 1980 windows of 10
+        seen[sampling] = len(set(targets.flatten().tolist())) / 20_000
+    assert 0.60 < seen["random"] < 0.66 and seen["epochs"] == 1980 * 10 / 20_000
+
+
+def test_unknown_sampling_is_refused(stream_dir):
+    with pytest.raises(ValueError, match="sampling must be 'random'.*or 'epochs'.*got 'shuffled'"):
+        data.BatchSampler(stream_dir, "train", batch_size=4, block_size=8, sampling="shuffled")
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

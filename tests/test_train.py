@@ -197,10 +197,11 @@ def test_compiled_training_follows_eager_training(shards, tmp_path):
 
 # ---------------------------------------------------------------- exact resume
 
-def test_resume_continues_the_loss_curve_bitwise(shards, tmp_path):
+@pytest.mark.parametrize("sampling", ["random", "epochs"])
+def test_resume_continues_the_loss_curve_bitwise(shards, tmp_path, sampling):
     """2N steps straight == N steps, save, scrambled RNGs and fresh objects, resume, N steps. Dropout is
     on, so the torch RNG state must come back too, and the data position, and AdamW's moments."""
-    settings = dict(dropout=0.1, max_iters=16, eval_interval=8, log_interval=1)
+    settings = dict(dropout=0.1, max_iters=16, eval_interval=8, log_interval=1, sampling=sampling)
     straight = T.Trainer(smoke(shards, tmp_path / "a", **settings), log=quiet)
     straight.fit()
     T.Trainer(smoke(shards, tmp_path / "b", **{**settings, "max_iters": 8}), log=quiet).fit()
@@ -315,6 +316,7 @@ def test_ddp_refuses_a_device_it_cannot_use_instead_of_falling_back_to_the_cpu(s
     (["--learning_rate=-1"], r"learning_rate must be > 0"),
     (["--preset=gpt2-124m"], r"no training data: pass --data=FOLDER"),
     (["--data=/no/such/folder"], r"holds no meta.json"),
+    (["--sampling=shuffled"], r"sampling must be one of \['random', 'epochs'\]"),
 ])
 def test_bad_command_lines_fail_before_training(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -497,6 +499,13 @@ def test_resume_names_every_model_setting_that_differs(shards, tmp_path, overrid
     T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2), log=quiet).fit()
     with pytest.raises(ValueError, match=message):
         T.Trainer(smoke(shards, tmp_path, resume=str(tmp_path / "ckpt.pt"), **override), log=quiet)
+
+
+def test_sampling_reaches_every_sampler_and_the_gpt2_preset_reads_each_window_once(shards, tmp_path):
+    trainer = T.Trainer(smoke(shards, tmp_path, save=False, sampling="epochs"), log=quiet)
+    assert [s.sampling for s in (trainer.train_data, *trainer.eval_data.values())] == ["epochs"] * 3
+    assert T.parse_args(["--sampling=epochs"]).sampling == "epochs"
+    assert T.PRESETS["gpt2-124m"]["sampling"] == "epochs" and T.preset("shakespeare-char-cpu").sampling == "random"
 
 
 def test_train_evaluation_does_not_reuse_the_training_batches(shards, tmp_path):
