@@ -220,7 +220,8 @@ def main(argv=None) -> dict:
         parser.error(f"--only takes nanogpt, draws and trainer, comma-separated; got {args.only!r}")
     print(f"final val loss, nanoGPT's CPU config, {torch.get_num_threads()} threads"
           + (", draws column --match" if args.match else "")
-          + (f", trainer column --sampling={args.sampling}" if args.sampling != "random" else ""))
+          + (f", trainer column --sampling={args.sampling}" if args.sampling != "random" and "trainer" in columns
+             else ""))
     print(f"{'':>6} " + "".join(f"{name:>20} {'':>5} " for name in columns))
     print(f"{'seed':>6} " + "".join(f"{'eval':>10}{'whole':>10} {'(s)':>5} " for _ in columns))
     results = {name: [] for name in columns}

@@ -270,7 +270,8 @@ SAMPLINGS = ("random", "epochs")
 
 
 class BatchSampler:
-    """Random (x, y) windows of `block_size` tokens from the memory-mapped shards of one split.
+    """(x, y) windows of `block_size` tokens from the memory-mapped shards of one split, drawn at random
+    or once per epoch.
 
     Batch i is a pure function of (seed, split, i): `world_size * batch_size` window starts, of which
     rank r takes rows [r*batch_size, (r+1)*batch_size). `sampling` says how the starts are drawn:
@@ -278,7 +279,8 @@ class BatchSampler:
     - "epochs": every window of the split once per epoch. Epoch e cuts the split into `windows_per_epoch`
       windows one `block_size` apart, shifted by a random phase below `block_size`, and reads them in a
       random order (both from `np.random.default_rng([seed, e])`). Fewer than `block_size` tokens at the
-      end of the split are never read; the order costs 8 bytes per window (78 MB for 10B tokens of 1024).
+      end of the split are never read. Each sampler keeps its epoch's order, 8 bytes per window (78 MB
+      for 10B tokens in windows of 1024), and the previous epoch's while a batch crosses between them.
     """
 
     def __init__(self, out_dir: str | Path, split: str, batch_size: int, block_size: int, device="cpu",
@@ -351,7 +353,7 @@ class BatchSampler:
             rng = np.random.default_rng([self.seed, e])
             # the last window must end on the split's last token at most: phase + windows * block_size < n
             phases = min(self.block_size, self.n_tokens - self.windows_per_epoch * self.block_size)
-            self._epochs = {k: v for k, v in self._epochs.items() if k == e - 1}   # a batch spans two epochs
+            self._epochs = {k: v for k, v in self._epochs.items() if k == e - 1}   # a batch may cross into e
             self._epochs[e] = (int(rng.integers(0, phases)), rng.permutation(self.windows_per_epoch))
         return self._epochs[e]
 
@@ -362,7 +364,7 @@ class BatchSampler:
     def sequential_batches(self, batch_size: int | None = None):
         """Every window of the split in order, without overlap: (x, y) batches (the last one smaller) in
         which each token is a target exactly once, but the few at the end that do not fill a window.
-        For the loss over a whole split; training and `next_batch()` use random windows. It ignores
+        For the loss over a whole split; training and `next_batch()` use `starts()`. It ignores
         the rank: under DDP every process walks the whole split."""
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive int (or None: the sampler's), got {batch_size!r}")

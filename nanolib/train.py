@@ -624,6 +624,10 @@ class Trainer:
 
     def close(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
+            # wait until every process is done before tearing the group down: a process that closed its
+            # connections while another was still finishing its last lines made gloo abort (SIGABRT) at
+            # exit in about one run in ten on a 2-core CPU
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 # %% ../notebooks/06_training.ipynb #255b9ae2

@@ -377,6 +377,9 @@ def test_epochs_change_order_and_phase_between_epochs_and_seeds(stream_dir):
         assert s.windows_per_epoch == per_epoch
         return np.concatenate([s.starts(i) for i in range(e * per_epoch, (e + 1) * per_epoch)])
     epochs = [epoch_starts(3, e) for e in range(4)]
+    one = data.BatchSampler(stream_dir, "train", batch_size=7, block_size=10, seed=3, sampling="epochs")
+    in_one_run = np.concatenate([one.starts(i) for i in range(4 * 89 // 7 + 1)])   # batches cross epochs
+    assert np.array_equal(in_one_run[:4 * 89], np.concatenate(epochs)), "one sampler's epochs = fresh ones"
     assert len({int(e.min()) for e in epochs}) > 1, "the phase moves between epochs"
     assert len({tuple((e - e.min()) // 10) for e in epochs}) == 4, "each epoch its own order"
     assert not np.array_equal(epoch_starts(4, 0), epochs[0]), "another seed, other batches"
@@ -389,8 +392,9 @@ def test_random_sampling_leaves_a_third_unread_where_epochs_read_everything(tmp_
     seen = {}
     for sampling in ("random", "epochs"):
         sampler = data.BatchSampler(out, "train", batch_size=20, block_size=10, seed=1, sampling=sampling)
-        targets = torch.cat([sampler.next_batch()[1] for _ in range(1999 // 20)])   # 1980 windows of 10
+        targets = torch.cat([sampler.next_batch()[1] for _ in range(sampler.windows_per_epoch // 20)])
         seen[sampling] = len(set(targets.flatten().tolist())) / 20_000
+    assert sampler.windows_per_epoch // 20 * 20 == 1980   # windows of 10 in one pass: 198,000 targets
     assert 0.60 < seen["random"] < 0.66 and seen["epochs"] == 1980 * 10 / 20_000
 
 
