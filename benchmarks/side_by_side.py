@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nanolib.data import BatchSampler, prepare_tinyshakespeare
+from nanolib.data import SAMPLINGS, BatchSampler, prepare_tinyshakespeare
 from nanolib.model import GPT, GPTConfig
 from nanolib.train import Trainer, preset, window_losses
 
@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", default="nanogpt,draws,trainer", help="columns, comma-separated")
     parser.add_argument("--match", action="store_true",
                         help="the draws column also takes nanoGPT's exact GELU, plain AdamW and warmup")
-    parser.add_argument("--sampling", default="random", choices=["random", "epochs"],
+    parser.add_argument("--sampling", default="random", choices=SAMPLINGS,
                         help="how the trainer column draws its windows: with replacement, or each once per epoch")
     args = parser.parse_args(argv)
     try:
