@@ -4,6 +4,7 @@
     python benchmarks/side_by_side.py --seeds 1337-1342 --only nanogpt,trainer   # the spread over six seeds
     python benchmarks/side_by_side.py --match              # the middle column made bit-for-bit nanoGPT
     python benchmarks/side_by_side.py --seeds 1337-1342 --only trainer --sampling=epochs  # every window once
+    python benchmarks/side_by_side.py --seeds 1337-1342 --only trainer --tied   # nanoGPT's tied head
 
 The config is nanoGPT's README command for a CPU: char-level Tiny Shakespeare, 4 layers, 4 heads, 128 wide,
 block 64, batch 12, lr 1e-3 to 1e-4 over 2000 iterations, warmup 100, beta2 0.99, dropout 0, evaluation every
@@ -11,17 +12,19 @@ block 64, batch 12, lr 1e-3 to 1e-4 over 2000 iterations, warmup 100, beta2 0.99
 
 Three columns:
 - nanogpt: what nanoGPT's train.py does for that config, restated around nanolib's GPT with nanoGPT's exact
-  GELU: `torch.manual_seed(seed)` then the model (module for module built like nanoGPT's, so the same
-  initial weights), windows drawn with `torch.randint` from the global RNG (the first before the loop, each
+  GELU and its head tied to the token embedding: `torch.manual_seed(seed)` then the model (module for
+  module built like nanoGPT's, so the same initial weights), windows drawn with `torch.randint` from the global RNG (the first before the loop, each
   next one right after the forward pass), fresh eval batches at each evaluation, warmup
   `lr * (it + 1) / (warmup + 1)`, plain AdamW.
-- draws: nanolib's Trainer as shipped, fed the very windows nanoGPT draws. With --match it also takes
+- draws: nanolib's Trainer as shipped, with nanoGPT's tied head, fed the very windows nanoGPT draws. With --match it also takes
   nanoGPT's three small differences (exact GELU, plain instead of fused AdamW, nanoGPT's warmup) and then
   prints the nanogpt column's figure: the Trainer's machinery is nanoGPT's.
 - trainer: `python -m nanolib.train --preset=shakespeare-char-cpu --seed=SEED`, which draws batch i from
   (seed, i) so that resume and DDP are exact. For one seed it sees other windows than nanoGPT does, so its
-  final loss differs by chance: compare the columns over several seeds, not one. `--sampling=epochs` makes
-  it read every window once per epoch instead of drawing windows with replacement (lesson 02).
+  final loss differs by chance: compare the columns over several seeds, not one. Its model differs from
+  nanoGPT's in one respect, on purpose: the head has its own matrix instead of the token embedding's
+  (lesson 05); `--tied` gives it nanoGPT's tied head. `--sampling=epochs` makes it read every window once
+  per epoch instead of drawing windows with replacement (lesson 02).
 Each column gives two figures: `eval`, the val loss of the last evaluation (20 random batches, what
 nanoGPT prints), and `whole`, the loss of the same final model over the whole val split, every character a
 target once (nanolib.train.window_losses). An evaluation of 20 batches of 12 windows is an estimate with a
@@ -31,6 +34,7 @@ compare runs by `whole`, which has no such noise.
 A command, not a test: it prints figures and exits 0.
 """
 import argparse
+import dataclasses
 import math
 import statistics
 import tempfile
@@ -109,7 +113,8 @@ def nanogpt_loop(seed: int, cfg=CONFIG) -> tuple:
     splits, vocab_size = read_splits()
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                          tie_embeddings=True))
     use_exact_gelu(model)
     optimizer = plain_adamw(model, cfg)
     train = NanoGPTDraws(splits["train"], cfg.batch_size, cfg.block_size, prefetch=True)
@@ -138,10 +143,11 @@ def nanogpt_loop(seed: int, cfg=CONFIG) -> tuple:
 
 
 class TrainerOnNanoGPTDraws(Trainer):
-    """nanolib's Trainer fed nanoGPT's windows; `match` also takes nanoGPT's GELU, optimizer and warmup."""
+    """nanolib's Trainer with nanoGPT's tied head, fed nanoGPT's windows; `match` also takes nanoGPT's GELU,
+    optimizer and warmup."""
 
     def __init__(self, config, match: bool = False):
-        super().__init__(config, log=lambda *args: None)
+        super().__init__(dataclasses.replace(config, tie_embeddings=True), log=lambda *args: None)
         splits, _ = read_splits()
         self.train_data = NanoGPTDraws(splits["train"], config.batch_size, config.block_size, prefetch=True)
         self.eval_data = {split: NanoGPTDraws(tokens, config.batch_size, config.block_size)
@@ -170,15 +176,17 @@ def whole_val_loss(model: nn.Module, cfg=CONFIG) -> tuple:
     return losses.mean().item(), losses.std().item() / math.sqrt(cfg.eval_iters * cfg.batch_size)
 
 
-def run(column: str, seed: int, match: bool, sampling: str = "random") -> tuple:
+def run(column: str, seed: int, match: bool, sampling: str = "random", tied: bool = False) -> tuple:
     """(last evaluation's val loss, whole-split val loss, an evaluation's std) of one column's run;
-    `sampling` is the trainer column's."""
+    `sampling` and `tied` are the trainer column's (the draws column always has nanoGPT's tied head)."""
     if column == "nanogpt":
         last_eval, model = nanogpt_loop(seed)
     else:
         with tempfile.TemporaryDirectory() as out_dir:
+            trainer_column = column == "trainer"
             config = preset("shakespeare-char-cpu", seed=seed, save=False, out_dir=out_dir,
-                            sampling=sampling if column == "trainer" else "random")
+                            sampling=sampling if trainer_column else "random",
+                            tie_embeddings=tied if trainer_column else True)
             trainer = TrainerOnNanoGPTDraws(config, match) if column == "draws" else Trainer(config, log=lambda *a: None)
             last_eval, model = final_val_loss(trainer)
     return (last_eval, *whole_val_loss(model))
@@ -210,6 +218,8 @@ def main(argv=None) -> dict:
                         help="the draws column also takes nanoGPT's exact GELU, plain AdamW and warmup")
     parser.add_argument("--sampling", default="random", choices=SAMPLINGS,
                         help="how the trainer column draws its windows: with replacement, or each once per epoch")
+    parser.add_argument("--tied", action="store_true",
+                        help="the trainer column ties its head to the token embedding, as nanoGPT does")
     args = parser.parse_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
@@ -221,7 +231,8 @@ def main(argv=None) -> dict:
     print(f"final val loss, nanoGPT's CPU config, {torch.get_num_threads()} threads"
           + (", draws column --match" if args.match else "")
           + (f", trainer column --sampling={args.sampling}" if args.sampling != "random" and "trainer" in columns
-             else ""))
+             else "")
+          + (", trainer column --tied" if args.tied and "trainer" in columns else ""))
     print(f"{'':>6} " + "".join(f"{name:>20} {'':>5} " for name in columns))
     print(f"{'seed':>6} " + "".join(f"{'eval':>10}{'whole':>10} {'(s)':>5} " for _ in columns))
     results = {name: [] for name in columns}
@@ -229,7 +240,7 @@ def main(argv=None) -> dict:
         row = f"{seed:>6} "
         for name in columns:
             start = time.perf_counter()
-            results[name].append(run(name, seed, args.match, args.sampling))
+            results[name].append(run(name, seed, args.match, args.sampling, args.tied))
             last_eval, whole, _ = results[name][-1]
             row += f"{last_eval:>10.4f}{whole:>10.4f} {time.perf_counter() - start:>5.0f} "
         print(row, flush=True)

@@ -31,6 +31,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2
+    tie_embeddings: bool = True  # lm_head shares wte's matrix, as GPT-2; a small vocabulary does better untied
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -42,6 +43,9 @@ class GPTConfig:
                              f"each head gets n_embd // n_head channels")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
 # %% ../notebooks/05_gpt_init.ipynb #8dc94904
 INIT_SCHEMES = ("pytorch", "normal", "nanogpt", "times_0.02")
@@ -94,11 +98,12 @@ class GPT(nn.Module):
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix reads and writes tokens
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # one matrix reads and writes tokens
         init_weights(self, "nanogpt")
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, counting the tied embedding once; `non_embedding` also leaves out positions."""
+        """Parameters, counting a tied embedding once; `non_embedding` also leaves out positions."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 

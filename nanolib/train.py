@@ -106,7 +106,7 @@ def window_losses(model: nn.Module, sampler, batch_size: int = 64, autocast=cont
 # %% ../notebooks/06_training.ipynb #f981ccfe
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TINYSHAKESPEARE = {"tinyshakespeare-char": "char", "tinyshakespeare-gpt2": "gpt2"}
-_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")  # a resume must keep these
+_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings")  # a resume keeps these
 
 
 @dataclass
@@ -122,6 +122,7 @@ class TrainConfig:
     vocab_size: int = 0
     dropout: float = 0.0
     bias: bool = False
+    tie_embeddings: bool = False     # nanoGPT ties; a 65-character vocabulary does better untied (lesson 05)
     # batch: one optimizer step sees batch_size * grad_accum_steps sequences of block_size tokens;
     # batch_size counts all processes together (each of N DDP processes takes batch_size // N)
     batch_size: int = 12
@@ -193,8 +194,9 @@ class TrainConfig:
 
 # %% ../notebooks/06_training.ipynb #73263ce3
 PRESETS = {
-    # nanoGPT's README run for a CPU: char-level Tiny Shakespeare, a 0.8M-parameter model; val loss about
-    # 1.905 over the whole val split, 1.87 to 1.92 on the last evaluation of 20 batches (section 13)
+    # nanoGPT's README run for a CPU: char-level Tiny Shakespeare, a 0.8M-parameter model, with an untied
+    # head; val loss about 1.883 over the whole val split, 1.85 to 1.90 on the last evaluation of 20 batches
+    # (nanoGPT's tied head: 1.905 and 1.87 to 1.92; section 13)
     "shakespeare-char-cpu": dict(device="cpu"),
     # GPT-2 124M with build-nanogpt's settings: ~0.5M tokens per step (64 x 1024 x 8 micro-steps), 10B
     # tokens (19073 steps), bf16 on CUDA; torch.compile on (build-nanogpt's final script turns it off,
@@ -203,7 +205,8 @@ PRESETS = {
     # (lesson 02). Pass --data=FOLDER of GPT-2-token shards (nanolib.data.write_shards with tiktoken's
     # gpt2). On N GPUs use --batch_size=64*N --grad_accum_steps=8/N.
     "gpt2-124m": dict(data="", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
-                      bias=True, batch_size=64, grad_accum_steps=8, sampling="epochs", learning_rate=6e-4,
+                      bias=True, tie_embeddings=True, batch_size=64, grad_accum_steps=8, sampling="epochs",
+                      learning_rate=6e-4,
                       min_lr=6e-5, warmup_iters=715, lr_decay_iters=19073, max_iters=19073, beta2=0.95,
                       eval_interval=250, eval_iters=20, log_interval=10, compile=True),
     # seconds on a CPU, for tests and for trying the command
@@ -371,7 +374,8 @@ class Trainer:
         self.data_dir, self.meta = self._setup_data()
         self.model_config = GPTConfig(
             block_size=cfg.block_size, vocab_size=cfg.vocab_size or self.meta["n_vocab"], n_layer=cfg.n_layer,
-            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+            tie_embeddings=cfg.tie_embeddings)
         if self.model_config.vocab_size < self.meta["n_vocab"]:
             raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the data's {self.meta['n_vocab']} "
                              f"tokens: pass --vocab_size=0 to take the data's")
@@ -434,7 +438,8 @@ class Trainer:
 
     def _check_resume(self, ckpt: dict) -> None:
         cfg, path = self.config, self.config.resume
-        problems = _mismatches(asdict(self.model_config), ckpt["model_config"], _MODEL_KEYS)
+        saved = {"tie_embeddings": True, **ckpt["model_config"]}  # checkpoints from before the option were tied
+        problems = _mismatches(asdict(self.model_config), saved, _MODEL_KEYS)
         if ckpt["tokenizer"] != self.meta.get("tokenizer"):
             problems.append(f"tokenizer {ckpt['tokenizer']} (this run's data: {self.meta.get('tokenizer')})")
         if problems:
@@ -728,7 +733,7 @@ def parse_args(argv: list) -> TrainConfig:
         overrides["resume"] = str(Path(out_dir) / "ckpt.pt")
     if name is None and overrides.get("resume"):
         base = load_checkpoint(overrides["resume"])["train_config"]   # continue the run as it was set up
-        return TrainConfig(**{**base, **overrides})
+        return TrainConfig(**{"tie_embeddings": True, **base, **overrides})  # before the option, all were tied
     return preset(name or "shakespeare-char-cpu", **overrides)
 
 

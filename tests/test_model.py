@@ -54,6 +54,26 @@ def test_head_is_tied_to_token_embedding():
     assert model.transformer.wte.weight.grad[unused].abs().sum() > 0
 
 
+def test_an_untied_head_has_its_own_matrix():
+    torch.manual_seed(0)
+    tied, untied = GPT(tiny()), GPT(tiny(tie_embeddings=False))
+    head, wte = untied.lm_head.weight, untied.transformer.wte.weight
+    assert head is not wte and not torch.equal(head, wte)
+    assert untied.num_params() == tied.num_params() + 97 * tied.config.n_embd
+    assert abs(head.std().item() - 0.02) < 0.002 and abs(wte.std().item() - 0.02) < 0.002   # both N(0, 0.02)
+    idx = torch.randint(0, 97, (2, 8))
+    untied(idx, torch.randint(0, 97, (2, 8)))[1].backward()
+    unused = sorted(set(range(97)) - set(idx.flatten().tolist()))
+    assert wte.grad[unused].abs().sum() == 0 and head.grad[unused].abs().sum() > 0   # each gets its own part
+    assert {"transformer.wte.weight", "lm_head.weight"} <= set(untied.state_dict())
+
+
+@pytest.mark.parametrize("key", ["bias", "tie_embeddings"])
+def test_switches_must_be_booleans(key):
+    with pytest.raises(ValueError, match=f"GPTConfig.{key} must be True or False"):
+        GPTConfig(**{key: "no"})
+
+
 def test_loss_at_init_is_close_to_ln_vocab():
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)

@@ -27,7 +27,8 @@ def trainer_on_draws(bench, tmp_path, match):
 
 def test_trainer_matched_to_nanogpt_trains_exactly_as_the_nanogpt_loop(bench, tmp_path, one_thread):
     reference, reference_model = bench.nanogpt_loop(1337, preset("shakespeare-char-cpu", **SHORT))
-    matched, matched_model = trainer_on_draws(bench, tmp_path, match=True)
+    matched, matched_model = trainer_on_draws(bench, tmp_path, match=True)   # the preset unties: this ties
+    assert matched_model.lm_head.weight is matched_model.transformer.wte.weight
     # equal up to how the 4 eval losses are summed (float32 tensor vs Python float)
     assert matched == pytest.approx(reference, abs=1e-6)
     # the same weights, so the same loss over the whole val split

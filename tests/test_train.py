@@ -141,7 +141,8 @@ def test_checkpoint_holds_everything_and_loads_weights_only(shards, tmp_path):
     ckpt = T.load_checkpoint(path)
     assert ckpt["step"] == 3 and ckpt["data"]["train"]["step"] == 3
     assert ckpt["model_config"] == {"block_size": 16, "vocab_size": trainer.meta["n_vocab"], "n_layer": 2,
-                                    "n_head": 2, "n_embd": 32, "dropout": 0.0, "bias": False}
+                                    "n_head": 2, "n_embd": 32, "dropout": 0.0, "bias": False,
+                                    "tie_embeddings": False}
     assert ckpt["tokenizer"] == trainer.meta["tokenizer"] and ckpt["tokenizer"]["kind"] == "char"
     assert ckpt["train_config"]["max_iters"] == 3
     model, _ = T.model_from_checkpoint(path)
@@ -494,7 +495,8 @@ def test_inconsistent_schedules_and_betas_are_refused(kwargs, match):
 
 @pytest.mark.parametrize("override, message", [(dict(block_size=32), r"block_size=16 \(this run: 32\)"),
                                                (dict(bias=True), r"bias=False \(this run: True\)"),
-                                               (dict(vocab_size=96), r"vocab_size=\d+ \(this run: 96\)")])
+                                               (dict(vocab_size=96), r"vocab_size=\d+ \(this run: 96\)"),
+                                               (dict(tie_embeddings=True), r"tie_embeddings=False \(this run: True\)")])
 def test_resume_names_every_model_setting_that_differs(shards, tmp_path, override, message):
     T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2), log=quiet).fit()
     with pytest.raises(ValueError, match=message):
@@ -506,6 +508,32 @@ def test_sampling_reaches_every_sampler_and_the_gpt2_preset_reads_each_window_on
     assert [s.sampling for s in (trainer.train_data, *trainer.eval_data.values())] == ["epochs"] * 3
     assert T.parse_args(["--sampling=epochs"]).sampling == "epochs"
     assert T.PRESETS["gpt2-124m"]["sampling"] == "epochs" and T.preset("shakespeare-char-cpu").sampling == "random"
+
+
+def test_the_cpu_preset_unties_the_head_and_the_gpt2_preset_ties_it(shards, tmp_path):
+    assert T.preset("shakespeare-char-cpu").tie_embeddings is False and T.preset("gpt2-124m").tie_embeddings is True
+    for tie in (False, True):
+        model = T.Trainer(smoke(shards, tmp_path, save=False, tie_embeddings=tie), log=quiet).raw_model
+        assert (model.lm_head.weight is model.transformer.wte.weight) is tie
+    assert T.parse_args(["--tie_embeddings=true"]).tie_embeddings is True
+
+
+def _as_before_the_tie_option(path):
+    """Rewrite a checkpoint as the code before `tie_embeddings` saved it: tied, and no such key."""
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model_config"]["tie_embeddings"], ckpt["train_config"]["tie_embeddings"]
+    torch.save(ckpt, path)
+
+
+def test_a_checkpoint_from_before_the_tie_option_resumes_tied(shards, tmp_path):
+    T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2, tie_embeddings=True), log=quiet).fit()
+    _as_before_the_tie_option(tmp_path / "ckpt.pt")
+    config = T.parse_args([f"--resume={tmp_path / 'ckpt.pt'}", "--max_iters=4"])   # the checkpoint's own config
+    assert config.tie_embeddings is True
+    model = T.Trainer(config, log=quiet).raw_model
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(ValueError, match=r"tie_embeddings=True \(this run: False\)"):
+        T.Trainer(smoke(shards, tmp_path, resume=str(tmp_path / "ckpt.pt"), max_iters=4), log=quiet)
 
 
 def test_train_evaluation_does_not_reuse_the_training_batches(shards, tmp_path):
