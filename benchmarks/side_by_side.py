@@ -1,7 +1,7 @@
 """Final val loss of nanoGPT's small CPU config: nanoGPT's training loop against nanolib's Trainer, per seed.
 
     python benchmarks/side_by_side.py                      # seed 1337, the three columns (about 5 min on 2 cores)
-    python benchmarks/side_by_side.py --seeds 1337-1342 --only nanogpt,trainer   # the spread over six seeds
+    python benchmarks/side_by_side.py --seeds 1337-1342 --only nanogpt,trainer --tied   # the spread over six seeds
     python benchmarks/side_by_side.py --match              # the middle column made bit-for-bit nanoGPT
     python benchmarks/side_by_side.py --seeds 1337-1342 --only trainer --sampling=epochs  # every window once
     python benchmarks/side_by_side.py --seeds 1337-1342 --only trainer --tied   # nanoGPT's tied head
@@ -22,8 +22,9 @@ Three columns:
 - trainer: `python -m nanolib.train --preset=shakespeare-char-cpu --seed=SEED`, which draws batch i from
   (seed, i) so that resume and DDP are exact. For one seed it sees other windows than nanoGPT does, so its
   final loss differs by chance: compare the columns over several seeds, not one. Its model differs from
-  nanoGPT's in one respect, on purpose: the head has its own matrix instead of the token embedding's
-  (lesson 05); `--tied` gives it nanoGPT's tied head. `--sampling=epochs` makes it read every window once
+  nanoGPT's on purpose in its head, which has its own matrix instead of the token embedding's (lesson 05;
+  `--tied` gives it nanoGPT's tied head), and, like the draws column without --match, in GELU's tanh
+  approximation. `--sampling=epochs` makes it read every window once
   per epoch instead of drawing windows with replacement (lesson 02).
 Each column gives two figures: `eval`, the val loss of the last evaluation (20 random batches, what
 nanoGPT prints), and `whole`, the loss of the same final model over the whole val split, every character a

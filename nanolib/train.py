@@ -111,7 +111,8 @@ _MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; defaults are the lesson's CPU run (nanoGPT's small Shakespeare config)."""
+    """Everything a training run needs; defaults are the lesson's CPU run (nanoGPT's small Shakespeare config,
+    with an untied head)."""
     # data: a folder of shards written by nanolib.data.write_shards, or a name prepare_tinyshakespeare knows
     data: str = "tinyshakespeare-char"
     # model (GPTConfig's fields); vocab_size 0 takes the data's vocabulary size

@@ -38,6 +38,23 @@ def test_trainer_matched_to_nanogpt_trains_exactly_as_the_nanogpt_loop(bench, tm
     assert abs(trainer_on_draws(bench, tmp_path, match=False)[0] - reference) > 1e-4
 
 
+@pytest.mark.parametrize("flags, trainer_tied", [([], False), (["--tied"], True)])
+def test_tied_reaches_the_trainer_column_and_the_draws_column_is_always_tied(bench, monkeypatch, flags,
+                                                                            trainer_tied):
+    built = []
+
+    def build(config, *args, **kwargs):   # stands in for both trainers: records the head, trains nothing
+        built.append(config.tie_embeddings)
+        return config
+
+    monkeypatch.setattr(bench, "Trainer", build)
+    monkeypatch.setattr(bench, "TrainerOnNanoGPTDraws", build)
+    monkeypatch.setattr(bench, "final_val_loss", lambda trainer: (1.9, None))
+    monkeypatch.setattr(bench, "whole_val_loss", lambda model: (1.9, 0.01))
+    bench.main(["--only", "draws,trainer", *flags])
+    assert built == [True, trainer_tied]
+
+
 def test_seed_lists_parse(bench):
     assert bench.parse_seeds("1337") == [1337]
     assert bench.parse_seeds("1337-1339,5") == [1337, 1338, 1339, 5]

@@ -532,6 +532,8 @@ def test_a_checkpoint_from_before_the_tie_option_resumes_tied(shards, tmp_path):
     assert config.tie_embeddings is True
     model = T.Trainer(config, log=quiet).raw_model
     assert model.lm_head.weight is model.transformer.wte.weight
+    loaded, _ = T.model_from_checkpoint(tmp_path / "ckpt.pt")   # as nanolib.sample loads it
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
     with pytest.raises(ValueError, match=r"tie_embeddings=True \(this run: False\)"):
         T.Trainer(smoke(shards, tmp_path, resume=str(tmp_path / "ckpt.pt"), max_iters=4), log=quiet)
 
