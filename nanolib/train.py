@@ -106,7 +106,7 @@ def window_losses(model: nn.Module, sampler, batch_size: int = 64, autocast=cont
 # %% ../notebooks/06_training.ipynb #f981ccfe
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TINYSHAKESPEARE = {"tinyshakespeare-char": "char", "tinyshakespeare-gpt2": "gpt2"}
-_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings")  # a resume keeps these
+_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings")  # kept on resume
 
 
 @dataclass
@@ -207,9 +207,8 @@ PRESETS = {
     # gpt2). On N GPUs use --batch_size=64*N --grad_accum_steps=8/N.
     "gpt2-124m": dict(data="", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
                       bias=True, tie_embeddings=True, batch_size=64, grad_accum_steps=8, sampling="epochs",
-                      learning_rate=6e-4,
-                      min_lr=6e-5, warmup_iters=715, lr_decay_iters=19073, max_iters=19073, beta2=0.95,
-                      eval_interval=250, eval_iters=20, log_interval=10, compile=True),
+                      learning_rate=6e-4, min_lr=6e-5, warmup_iters=715, lr_decay_iters=19073, max_iters=19073,
+                      beta2=0.95, eval_interval=250, eval_iters=20, log_interval=10, compile=True),
     # seconds on a CPU, for tests and for trying the command
     "smoke": dict(device="cpu", n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8,
                   max_iters=20, warmup_iters=5, lr_decay_iters=20, eval_interval=10, eval_iters=2,
@@ -313,6 +312,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     missing = [k for k in _CKPT_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"{path} lacks {missing}: it is incomplete; use another checkpoint")
+    for part in ("model_config", "train_config"):   # written before the option existed, when all were tied
+        ckpt[part].setdefault("tie_embeddings", True)
     return ckpt
 
 
@@ -439,8 +440,7 @@ class Trainer:
 
     def _check_resume(self, ckpt: dict) -> None:
         cfg, path = self.config, self.config.resume
-        saved = {"tie_embeddings": True, **ckpt["model_config"]}  # checkpoints from before the option were tied
-        problems = _mismatches(asdict(self.model_config), saved, _MODEL_KEYS)
+        problems = _mismatches(asdict(self.model_config), ckpt["model_config"], _MODEL_KEYS)
         if ckpt["tokenizer"] != self.meta.get("tokenizer"):
             problems.append(f"tokenizer {ckpt['tokenizer']} (this run's data: {self.meta.get('tokenizer')})")
         if problems:
@@ -734,7 +734,7 @@ def parse_args(argv: list) -> TrainConfig:
         overrides["resume"] = str(Path(out_dir) / "ckpt.pt")
     if name is None and overrides.get("resume"):
         base = load_checkpoint(overrides["resume"])["train_config"]   # continue the run as it was set up
-        return TrainConfig(**{"tie_embeddings": True, **base, **overrides})  # before the option, all were tied
+        return TrainConfig(**{**base, **overrides})
     return preset(name or "shakespeare-char-cpu", **overrides)
 
 
