@@ -136,7 +136,8 @@ class GPT(nn.Module):
             raise ValueError(f"targets must be in [0, {V}) or -1 (ignored), got {t_bounds[0]} to {t_bounds[1]}")
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None):
-        """(B, T) token ids -> (logits (B, T, vocab), loss or None). Targets of -1 are ignored.
+        """(B, T) token ids -> (logits (B, T, vocab), loss or None). Targets of -1 are ignored (a batch of
+        nothing but -1 has loss 0).
 
         `kv_cache` (lesson 07) holds keys and values of earlier positions: an object with
         `.length` and `.layer(i)`; positions continue from `kv_cache.length`.
@@ -150,8 +151,13 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1).long(),
-                                   ignore_index=-1)
+            # the mean over the targets that are not -1, as reduction="mean" computes it (bit for bit), but
+            # 0 rather than 0/0 = nan when every target is -1: a chat batch whose rows hold no assistant
+            # token (lesson 08) must not stop training
+            targets = targets.reshape(-1).long()
+            total = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets, ignore_index=-1,
+                                    reduction="sum")
+            loss = total / (targets != -1).sum().clamp(min=1)
         return logits, loss
 
     @classmethod
