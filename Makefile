@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 lab: install          ## install everything and open the course in JupyterLab
-	$(PY) -m jupyter lab notebooks/
+	$(PY) -m jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)   # root: containers, cloud boxes
 
 test: install         ## install everything and run the whole test suite (unit tests + strict nbval)
 	$(PY) -m pytest

@@ -103,20 +103,25 @@ class ChatTokenizer:
         """Text of `ids`, special tokens written as their names (for looking at, not for encoding again)."""
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
 
-    def info(self) -> dict:
-        """What a checkpoint records so that chat code knows how to talk to its model."""
-        return {"format": CHAT_FORMAT, "special_tokens": dict(self.special), "bos": self.bos}
+# %% ../notebooks/08_chat_sft.ipynb #d33dafd3
+def _info(self) -> dict:
+    """What a checkpoint records so that chat code knows how to talk to its model."""
+    return {"format": CHAT_FORMAT, "special_tokens": dict(self.special), "bos": self.bos}
 
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict, path="the checkpoint") -> "ChatTokenizer":
-        chat = ckpt.get("chat")
-        if not chat or chat.get("format") != CHAT_FORMAT or not ckpt.get("tokenizer"):
-            raise ValueError(f"{path} has no chat tokens: it is a pretrained model, not a chat model; finetune it "
-                             f"first: python -m nanolib.sft --init_from={path}")
-        return cls(load_tokenizer(ckpt["tokenizer"]), chat["special_tokens"], chat["bos"])
 
-    def __repr__(self) -> str:
-        return f"ChatTokenizer({type(self.base).__name__}, n_text={self.n_text}, special={self.special}, bos={self.bos})"
+def _from_checkpoint(cls, ckpt: dict, path="the checkpoint") -> "ChatTokenizer":
+    chat = ckpt.get("chat")
+    if not chat or chat.get("format") != CHAT_FORMAT or not ckpt.get("tokenizer"):
+        raise ValueError(f"{path} has no chat tokens: it is a pretrained model, not a chat model; finetune it "
+                         f"first: python -m nanolib.sft --init_from={path}")
+    return cls(load_tokenizer(ckpt["tokenizer"]), chat["special_tokens"], chat["bos"])
+
+
+def _repr(self) -> str:
+    return f"ChatTokenizer({type(self.base).__name__}, n_text={self.n_text}, special={self.special}, bos={self.bos})"
+
+
+ChatTokenizer.info, ChatTokenizer.from_checkpoint, ChatTokenizer.__repr__ = _info, classmethod(_from_checkpoint), _repr
 
 # %% ../notebooks/08_chat_sft.ipynb #0e0abe36
 ROLES = ("system", "user", "assistant")
@@ -253,16 +258,22 @@ class ChatBatches:
         self.rank_share = float(targets[mine].sum() / max(targets.sum(), 1))
         return torch.from_numpy(x[mine]).to(self.device), torch.from_numpy(y[mine]).to(self.device)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch(self.step)
-        self.step += 1
-        return x, y
+# %% ../notebooks/08_chat_sft.ipynb #3c3232e0
+def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = self.batch(self.step)
+    self.step += 1
+    return x, y
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size, "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
+def _state_dict(self) -> dict:
+    return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size, "world_size": self.world_size}
+
+
+def _load_state_dict(self, state: dict) -> None:
+    self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+ChatBatches.next_batch, ChatBatches.state_dict, ChatBatches.load_state_dict = _next_batch, _state_dict, _load_state_dict
 
 # %% ../notebooks/08_chat_sft.ipynb #c4d46e37
 class ChatData:
@@ -405,11 +416,11 @@ class ChatEngine:
             feed = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, generator)
             yield feed[:, 0]
 
-# %% ../notebooks/08_chat_sft.ipynb #4851cf68
+# %% ../notebooks/08_chat_sft.ipynb #ef048c5c
 def _stream(self, conversation, settings: ChatSettings | None = None, generator=None):
     """Yield the reply to `conversation` as text pieces, as they are sampled. Afterwards `last_ended` says
     whether the model closed its reply with <|assistant_end|> (False: it hit max_new_tokens)."""
-    settings = settings or ChatSettings()
+    settings = settings or ChatSettings(max_new_tokens=default_max_new_tokens(self.model))
     prompt = self.prompt_ids(conversation, settings)
     if self.cache is None or not self.reuse_cache:
         self.cache, self.fed = KVCache(self.model, 1, self.model.config.block_size), []
@@ -438,11 +449,11 @@ def _reply(self, conversation, settings: ChatSettings | None = None, generator=N
 
 ChatEngine.stream, ChatEngine.reply = _stream, _reply
 
-# %% ../notebooks/08_chat_sft.ipynb #4799c39f
+# %% ../notebooks/08_chat_sft.ipynb #6d2c59d1
 def _replies(self, conversations, settings: ChatSettings | None = None, generator=None,
              max_batch: int = 64) -> list[tuple[str, bool]]:
     """(reply, ended) for each conversation, ended meaning the reply closed with <|assistant_end|>."""
-    settings = settings or ChatSettings()
+    settings = settings or ChatSettings(max_new_tokens=default_max_new_tokens(self.model))
     prompts = [self.prompt_ids(c, settings) for c in conversations]
     by_length = defaultdict(list)
     for n, p in enumerate(prompts):
@@ -508,34 +519,39 @@ class ChatBox:
                                                  who="you:" if role == "user" else "model:", text=html.escape(text))
                                   for role, text in turns)
 
-    def reset(self) -> None:
-        self.conversation, self.status.value = [], ""
-        self._show()
+# %% ../notebooks/08_chat_sft.ipynb #8d3109e0
+def _reset(self) -> None:
+    self.conversation, self.status.value = [], ""
+    self._show()
 
-    def send(self, text: str | None = None) -> str | None:
-        """Send `text` (default: what the text field holds) and stream the reply into the box; return the
-        reply, or None if there was nothing to send or the reply failed (the error is shown in the box)."""
-        text = self.text.value if text is None else text
-        if not text.strip():
-            return None
-        self.text.value = ""                       # fires the observer once more, with nothing to send
-        self.conversation.append({"role": "user", "content": text})
-        reply = ""
-        try:
-            settings = ChatSettings(temperature=self.temperature.value, top_k=self.top_k.value or None,
-                                    max_new_tokens=self.max_new_tokens)
-            for piece in self.engine.stream(self.conversation, settings, self.generator):
-                reply += piece
-                self._show(reply)
-        except Exception as err:   # shown in the box, not lost in a log the learner never sees
-            self.conversation.pop()
-            self.status.value = f'<span style="color:#b3261e">{html.escape(f"{type(err).__name__}: {err}")}</span>'
-            self._show()
-            return None
-        self.conversation.append({"role": "assistant", "content": reply})
-        self.status.value = "" if self.engine.last_ended else "(the reply reached max_new_tokens before it ended)"
+
+def _send(self, text: str | None = None) -> str | None:
+    """Send `text` (default: what the text field holds) and stream the reply into the box; return the
+    reply, or None if there was nothing to send or the reply failed (the error is shown in the box)."""
+    text = self.text.value if text is None else text
+    if not text.strip():
+        return None
+    self.text.value = ""                       # fires the observer once more, with nothing to send
+    self.conversation.append({"role": "user", "content": text})
+    reply = ""
+    try:
+        settings = ChatSettings(temperature=self.temperature.value, top_k=self.top_k.value or None,
+                                max_new_tokens=self.max_new_tokens)
+        for piece in self.engine.stream(self.conversation, settings, self.generator):
+            reply += piece
+            self._show(reply)
+    except Exception as err:   # shown in the box, not lost in a log the learner never sees
+        self.conversation.pop()
+        self.status.value = f'<span style="color:#b3261e">{html.escape(f"{type(err).__name__}: {err}")}</span>'
         self._show()
-        return reply
+        return None
+    self.conversation.append({"role": "assistant", "content": reply})
+    self.status.value = "" if self.engine.last_ended else "(the reply reached max_new_tokens before it ended)"
+    self._show()
+    return reply
+
+
+ChatBox.reset, ChatBox.send = _reset, _send
 
 # %% ../notebooks/08_chat_sft.ipynb #6a458613
 def load_chat_model(path, device=None) -> tuple[GPT, ChatTokenizer]:

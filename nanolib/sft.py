@@ -44,7 +44,7 @@ class SFTConfig(TrainConfig):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"SFTConfig.{key} must be an int >= 0, got {getattr(self, key)!r}")
 
-
+# %% ../notebooks/08_chat_sft.ipynb #02d98b5c
 SFT_PRESETS = {
     # the lesson's CPU run: lesson 06's character model, finetuned on the three tasks in about half a minute
     "chat-tasks-cpu": dict(device="cpu", batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_iters=50,

@@ -52,3 +52,23 @@ def test_two_processes_train_like_one(shards, tmp_path):
         assert losses(two, key, kind) == pytest.approx(losses(one, key, kind), rel=1e-5, abs=1e-6), key
     for name, p in one["model"].items():
         torch.testing.assert_close(two["model"][name], p, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_two_processes_finetune_on_conversations_like_one(shards, tmp_path):
+    """Chat rows hold different numbers of targets, so each rank's loss is weighed by its share of the batch's
+    targets: two processes take the very steps of one (losses and weights), which an unweighted mean would not."""
+    T.Trainer(T.preset("smoke", data=str(shards), block_size=64, out_dir=str(tmp_path / "base")),
+              log=lambda *a: None).fit()
+    common = ["-m", "nanolib.sft", "--preset=chat-smoke", f"--init_from={tmp_path / 'base' / 'ckpt.pt'}",
+              "--batch_size=8", "--max_iters=6", "--eval_interval=6", "--grad_accum_steps=2", "--log_interval=1",
+              "--score_examples=0"]
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+         f"--out_dir={tmp_path / 'ddp'}"])
+    run([sys.executable, *common, f"--out_dir={tmp_path / 'one'}"])
+    one = T.load_checkpoint(tmp_path / "one" / "ckpt.pt")
+    two = T.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    losses = lambda ck: [r["loss"] for r in ck["history"]["train"]]
+    assert len(losses(two)) == 6 and losses(two) == pytest.approx(losses(one), rel=1e-5)
+    for name, p in one["model"].items():
+        torch.testing.assert_close(two["model"][name], p, atol=1e-5, rtol=1e-5, msg=name)
+    assert two["chat"] == one["chat"] is not None
