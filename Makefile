@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	echo "      Run make with PYTHON=python3.11 (or newer), after rm -rf $(VENV) if that venv was made with the old one."; \
 	exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[lab,test]"
 	touch $@
 
 install: $(VENV)/.installed

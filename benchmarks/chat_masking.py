@@ -18,8 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanolib.chat import ChatData, ChatTokenizer
 from nanolib.sft import main as sft_main
+from nanolib.sft import sft_preset, task_conversations
 from nanolib.tasks import TASKS
+from nanolib.train import evaluate, model_from_checkpoint
 
 ARMS = ("assistant", "all")
 
@@ -33,12 +36,18 @@ def seed_range(text: str) -> list[int]:
 
 
 def finetune(init_from: str, seed: int, train_on: str, out_dir: Path, extra: list) -> dict:
-    """The last evaluation's record of one finetuning run (its log is kept out of the table)."""
+    """The last evaluation's record of one finetuning run (its log is kept out of the table), with the loss
+    over the replies' tokens of the held-out conversations: the same measure for both arms (each run's own
+    val loss counts the questions too when it trains on every token)."""
     argv = ["--preset=chat-tasks-cpu", f"--init_from={init_from}", f"--seed={seed}", f"--train_on={train_on}",
             f"--out_dir={out_dir}", *extra]
     with contextlib.redirect_stdout(io.StringIO()):
         history = sft_main(argv)
-    return history["eval"][-1]
+    model, ckpt = model_from_checkpoint(out_dir / "ckpt.pt")
+    tokenizer = ChatTokenizer.from_checkpoint(ckpt)
+    replies = ChatData(task_conversations(sft_preset("chat-tasks-cpu", seed=seed)), tokenizer, train_on="assistant")
+    sampler = replies.sampler("val", 50, model.config.block_size, "cpu", seed=0)
+    return {**history["eval"][-1], "replies_loss": evaluate(model, sampler, 10).item()}
 
 
 def main(argv=None) -> None:
@@ -47,7 +56,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=seed_range, default=seed_range("1337-1339"), help="FIRST-LAST (1337-1339)")
     parser.add_argument("extra", nargs="*", help="more --key=value options for nanolib.sft, after --")
     args = parser.parse_args(argv)
-    scores = {arm: [] for arm in ARMS}
+    scores, losses = {arm: [] for arm in ARMS}, {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory(prefix="chat_masking_") as tmp:
         for seed in args.seeds:
             for arm in ARMS:
@@ -55,13 +64,15 @@ def main(argv=None) -> None:
                 rec = finetune(args.init_from, seed, arm, Path(tmp) / f"{arm}_{seed}", args.extra)
                 per_task = [rec[f"exact_match/{t}"] for t in TASKS]
                 scores[arm].append(statistics.mean(per_task))
+                losses[arm].append(rec["replies_loss"])
                 print(f"seed {seed}  train on {arm:<9}  " + "  ".join(f"{t} {s:4.0%}" for t, s in zip(TASKS, per_task))
-                      + f"  ended {rec['ended']:4.0%}  mean {scores[arm][-1]:.3f}  val loss {rec['val_loss']:.3f}"
+                      + f"  ended {rec['ended']:4.0%}  mean {scores[arm][-1]:.3f}  replies' val loss {rec['replies_loss']:.3f}"
                       f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
     for arm in ARMS:
         print(f"train on {arm:<9}: mean exact match {statistics.mean(scores[arm]):.3f} ± {spread(scores[arm]):.3f} "
-              f"over {len(args.seeds)} seed(s)")
+              f"over {len(args.seeds)} seed(s); replies' val loss {statistics.mean(losses[arm]):.4f} ± "
+              f"{spread(losses[arm]):.4f}")
     gain = [a - b for a, b in zip(scores["assistant"], scores["all"])]
     print(f"assistant-only minus every token, paired by seed: {statistics.mean(gain):+.3f} ± {spread(gain):.3f}; "
           f"higher on {sum(g > 0 for g in gain)} of {len(gain)} seeds")

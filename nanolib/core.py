@@ -38,8 +38,7 @@ REQUIREMENTS = {  # import name -> (distribution name, minimum version)
     "safetensors": ("safetensors", "0.4"),
     "tqdm": ("tqdm", "4.66"),
     "matplotlib": ("matplotlib", "3.8"),
-    "ipywidgets": ("ipywidgets", "8.0"),
-    "nbdev": ("nbdev", "3.3.26"),
+    "ipywidgets": ("ipywidgets", "7.7"),
 }
 
 

@@ -147,6 +147,7 @@ class TrainConfig:
     out_dir: str = "out"
     save: bool = True                # write out_dir/ckpt.pt at each evaluation
     resume: str = ""                 # a checkpoint to continue from
+    overwrite: bool = False          # a fresh run may replace a checkpoint already in out_dir (else it refuses)
     # system
     device: str = ""                 # "" picks one (nanolib.core.get_device)
     dtype: str = ""                  # "" picks one (bf16 or fp16 on CUDA, fp32 elsewhere): float32|bfloat16|float16
@@ -293,6 +294,15 @@ def _check_out_dir(out_dir: Path) -> None:
                          "(or --save=false to train without checkpoints)") from None
 
 
+def _check_no_other_run(cfg) -> None:
+    """A run saves to out_dir/ckpt.pt. If a checkpoint is there already, that is the run being resumed, or
+    the user said --overwrite; otherwise the second run would silently replace the first one's hours."""
+    there = Path(cfg.out_dir) / "ckpt.pt"
+    if there.exists() and not cfg.overwrite and not (cfg.resume and Path(cfg.resume).resolve() == there.resolve()):
+        raise ValueError(f"{there} already holds a run: continue it with --resume (Python: resume=\"{there}\"), "
+                         f"replace it with --overwrite (Python: overwrite=True), or pass another --out_dir")
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint written by `save_checkpoint`, with `weights_only=True` (no code runs on load)."""
     path = Path(path)
@@ -396,6 +406,7 @@ class Trainer:
         ckpt = load_checkpoint(cfg.resume) if cfg.resume else None   # a bad checkpoint fails here, early
         if cfg.save and self.master:
             _check_out_dir(Path(cfg.out_dir))   # not at the first checkpoint, after eval_interval steps
+            _check_no_other_run(cfg)            # never replace a run the user did not ask to replace
         self.device = self._setup_device()
         self.dtype = _DTYPES[cfg.dtype] if cfg.dtype else get_dtype(self.device)
         if model is not None:   # the model's own shape and dropout, so that the checkpoint tells the truth
@@ -755,12 +766,14 @@ def parse_args(argv: list, config_cls=TrainConfig, presets: dict | None = None,
     name, overrides, resume = None, {}, False
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or (not eq and key != "resume"):
-            raise ValueError(f"cannot read argument {arg!r}: write --key=value (or the bare flag --resume)")
+        if not arg.startswith("--") or (not eq and key not in ("resume", "overwrite")):
+            raise ValueError(f"cannot read argument {arg!r}: write --key=value (or a bare --resume or --overwrite)")
         if key == "preset":
             name = value
         elif key == "resume" and not eq:
             resume = True
+        elif key == "overwrite" and not eq:
+            overrides["overwrite"] = True
         elif key == "resume" and not value:
             raise ValueError("--resume= is empty (an unset shell variable?): write --resume=PATH, or the bare "
                              "--resume for OUT_DIR/ckpt.pt")
@@ -777,6 +790,7 @@ def parse_args(argv: list, config_cls=TrainConfig, presets: dict | None = None,
         overrides["resume"] = str(Path(out_dir) / "ckpt.pt")
     if name is None and overrides.get("resume"):
         base = load_checkpoint(overrides["resume"])["train_config"]   # continue the run as it was set up
+        base.pop("overwrite", None)   # a permission for that run's start, not for this one
         if unknown := sorted(set(base) - set(kinds)):
             raise ValueError(f"{overrides['resume']} was written by another command (its config has {unknown}): "
                              "resume it with the command that wrote it, e.g. python -m nanolib.sft --resume")
@@ -789,10 +803,11 @@ def usage(prog: str = "nanolib.train", config_cls=TrainConfig, presets: dict | N
     """The --help text: the presets, and every option with its default."""
     presets = PRESETS if presets is None else presets
     options = "\n".join(f"  --{f.name}={f.default}" for f in fields(config_cls))
-    return (f"usage: python -m {prog} [--preset=NAME] [--key=value ...] [--resume]\n"
+    return (f"usage: python -m {prog} [--preset=NAME] [--key=value ...] [--resume | --overwrite]\n"
             f"       torchrun --nproc_per_node=N -m {prog} ...   (DDP: gloo on CPU, NCCL on GPUs)\n"
             f"presets: {', '.join(presets)} (default {default_preset})\n"
-            f"--resume continues from OUT_DIR/ckpt.pt (or pass --resume=PATH)\noptions, with their defaults:\n{options}")
+            f"--resume continues from OUT_DIR/ckpt.pt (or pass --resume=PATH); a fresh run refuses an OUT_DIR that "
+            f"holds a checkpoint unless --overwrite\noptions, with their defaults:\n{options}")
 
 
 def main(argv: list | None = None, prog: str = "nanolib.train", config_cls=TrainConfig, presets: dict | None = None,

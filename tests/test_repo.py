@@ -56,7 +56,7 @@ def _names(requirements):
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pip_side = _names(project["dependencies"] + project["optional-dependencies"]["test"])
+    pip_side = _names(project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
     conda_side = _names([r for lst in pip_lists for r in lst])
@@ -104,9 +104,28 @@ def test_every_import_of_nanolib_is_a_declared_dependency():
     assert not problems, "\n".join(problems)
 
 
-def test_nbdev_is_pinned():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert any(re.fullmatch(r"nbdev==[\d.]+", d) for d in deps), "pin nbdev exactly (nbdev==X.Y.Z)"
+def test_nbdev_is_pinned_in_the_lab_extra_and_lesson_00_installs_that_pin_on_colab():
+    lab = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lab"]
+    pins = [d for d in lab if re.fullmatch(r"nbdev==[\d.]+", d)]
+    assert pins, "pin nbdev exactly (nbdev==X.Y.Z) in the lab extra"
+    assert f'%pip install -q "{pins[0]}"' in (ROOT / "notebooks" / "00_setup.ipynb").read_text().replace('\\"', '"'), (
+        f"lesson 00's export demo installs nbdev on Colab: make it install {pins[0]}")
+
+
+# What pip puts into Colab's running kernel must leave Jupyter's own packages alone.
+NOT_AT_RUNTIME = {"jupyterlab", "jupyter", "notebook", "jupyter-server", "jupyter-client", "nbclient", "nbformat",
+                  "nbconvert", "nbval", "nbdev", "execnb", "widgetsnbextension", "jupyterlab-widgets", "pytest",
+                  "selenium", "transformers", "pyyaml"}
+
+
+def test_the_runtime_dependencies_hold_no_jupyter_notebook_tool_or_test_package():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {_canonical(n) for n in _names(project["dependencies"])}
+    assert not runtime & NOT_AT_RUNTIME, (f"{sorted(runtime & NOT_AT_RUNTIME)} are not needed by `import nanolib`: "
+                                          "move them to the lab or test extra")
+    assert {"jupyterlab", "nbdev"} <= {_canonical(n) for n in _names(project["optional-dependencies"]["lab"])}
+    assert {"nbval", "pytest"} <= {_canonical(n) for n in _names(project["optional-dependencies"]["test"])}
+    assert '.[lab,test]' in (ROOT / "Makefile").read_text(), "make lab and make test must install both extras"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -576,3 +576,90 @@ def test_no_checkpoint_before_the_first_step(shards, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         T.Trainer(smoke(shards, tmp_path), log=quiet).fit(callbacks=[Stop()])
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+# ---------------------------------------------------------------- never lose a run
+
+
+def test_a_second_fresh_run_into_the_same_out_dir_is_refused_and_the_first_checkpoint_kept(shards, tmp_path):
+    T.Trainer(smoke(shards, tmp_path, max_iters=4, eval_interval=2), log=quiet).fit()
+    first = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"ckpt.pt already holds a run: continue it with --resume .*"
+                                         r"replace it with --overwrite .*overwrite=True.*another --out_dir"):
+        T.Trainer(smoke(shards, tmp_path, max_iters=4, eval_interval=2, seed=7), log=quiet)
+    assert (tmp_path / "ckpt.pt").read_bytes() == first
+    # asked to: a resume continues it, an overwrite replaces it
+    resumed = T.Trainer(smoke(shards, tmp_path, max_iters=6, eval_interval=2, resume=str(tmp_path / "ckpt.pt")),
+                        log=quiet)
+    resumed.fit()
+    assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 6
+    T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2, seed=7, overwrite=True), log=quiet).fit()
+    replaced = T.load_checkpoint(tmp_path / "ckpt.pt")
+    assert replaced["step"] == 2 and replaced["train_config"]["seed"] == 7
+
+
+def test_a_resume_from_elsewhere_may_not_replace_another_run_in_out_dir(shards, tmp_path):
+    for name in ("a", "b"):
+        T.Trainer(smoke(shards, tmp_path / name, max_iters=2, eval_interval=2), log=quiet).fit()
+    b = (tmp_path / "b" / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run"):
+        T.Trainer(smoke(shards, tmp_path / "b", max_iters=4, resume=str(tmp_path / "a" / "ckpt.pt")), log=quiet)
+    assert (tmp_path / "b" / "ckpt.pt").read_bytes() == b
+    T.Trainer(smoke(shards, tmp_path / "b", max_iters=4, eval_interval=2, resume=str(tmp_path / "a" / "ckpt.pt"),
+                    overwrite=True), log=quiet).fit()
+    assert T.load_checkpoint(tmp_path / "b" / "ckpt.pt")["step"] == 4
+
+
+def test_the_command_refuses_a_second_run_in_one_line_and_takes_a_bare_overwrite(shards, tmp_path, capsys):
+    argv = ["--preset=smoke", f"--data={shards}", f"--out_dir={tmp_path}", "--max_iters=2", "--eval_interval=2"]
+    T.main(argv)
+    first = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        T.main(argv)
+    message = str(refused.value.code)
+    assert message.startswith("nanolib.train: error:") and "\n" not in message and "--overwrite" in message
+    assert (tmp_path / "ckpt.pt").read_bytes() == first
+    T.main([*argv, "--overwrite", "--seed=3"])
+    assert T.load_checkpoint(tmp_path / "ckpt.pt")["train_config"]["seed"] == 3
+    # the permission is not carried into a later resume of that run
+    assert T.parse_args(["--resume", f"--out_dir={tmp_path}", "--max_iters=4"]).overwrite is False
+    assert "--overwrite" in T.usage()
+
+
+class InterruptAt:
+    """Ctrl-C (KeyboardInterrupt) after a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_keeps_its_last_checkpoint_whole_and_resumes_from_it(shards, tmp_path):
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=10, eval_interval=4), log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(callbacks=[InterruptAt(6)])
+    assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 4 and not list(tmp_path.glob(".ckpt.pt.*"))
+    resumed = T.Trainer(smoke(shards, tmp_path, max_iters=10, eval_interval=4, resume=str(tmp_path / "ckpt.pt")),
+                        log=quiet)
+    resumed.fit()
+    straight = T.Trainer(smoke(shards, tmp_path / "straight", max_iters=10, eval_interval=4), log=quiet)
+    straight.fit()
+    assert [r["loss"] for r in resumed.history["train"]] == [r["loss"] for r in straight.history["train"]]
+
+
+def test_an_interrupt_while_saving_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch):
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=2, eval_interval=2), log=quiet)
+    trainer.fit()
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def interrupted(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not list(tmp_path.glob(".ckpt.pt.*"))
