@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .core import DownloadError, atomic_write, get_device, get_dtype, seed_everything
+from .bench import flops_per_token, peak_tflops
 from .model import GPT, GPTConfig, _unpickled_type
 
 # %% ../notebooks/06_training.ipynb #b8b1b3e5
@@ -143,6 +144,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = 250         # evaluate (and save a checkpoint) every this many steps, and at the end
     eval_iters: int = 20             # batches per split in each evaluation
+    hellaswag_every: int = 0         # HellaSwag at every this-many-th evaluation (lesson 09; GPT-2 tokens; 0: never)
+    hellaswag_examples: int = 0      # how many of its 10,042 validation examples (0: all)
     log_interval: int = 10           # read the loss back from the device every this many steps
     out_dir: str = "out"
     save: bool = True                # write out_dir/ckpt.pt at each evaluation
@@ -169,7 +172,7 @@ class TrainConfig:
                     "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 fail(key, "a positive int")
-        for key in ("vocab_size", "warmup_iters", "seed"):
+        for key in ("vocab_size", "warmup_iters", "seed", "hellaswag_every", "hellaswag_examples"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 fail(key, "a non-negative int")
         for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2", "dropout"):
@@ -249,6 +252,12 @@ def set_rng_state(state: dict) -> None:
 # %% ../notebooks/06_training.ipynb #a4f0ea1a
 CKPT_FORMAT = "nanolib-checkpoint-1"
 _CKPT_KEYS = ("model", "model_config", "optimizer", "train_config", "step", "data", "tokenizer", "rng")
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1h02m', 75 -> '1m15s', 4 -> '4s': the ETA on a log line."""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -447,6 +456,17 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.ddp_model = DDP(self.model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)  # first non-finite step
+        # throughput (lesson 09): tokens and FLOPs per optimizer step, against the GPUs' peak for MFU
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.block_size
+        self.flops_per_step = self.tokens_per_step * flops_per_token(
+            self.model_config, self.raw_model.num_params(non_embedding=True), cfg.block_size)
+        peak = peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        self.peak_flops = peak * 1e12 * self.world_size if peak else None
+        self.metrics = Path(cfg.out_dir) / "metrics.jsonl" if cfg.save and self.master else None
+        if self.metrics is not None:   # the records so far (none, or the resumed run's), one JSON line each
+            lines = [json.dumps({"kind": kind, **r}) for kind in ("train", "eval") for r in self.history[kind]]
+            with atomic_write(self.metrics, "w") as f:
+                f.write("".join(line + "\n" for line in lines))
 
     # ---------------------------------------------------------------- setup
     def _setup_device(self) -> torch.device:
@@ -616,11 +636,21 @@ class Trainer:
     def _log_step(self, loss, grad_norm, t0: float, n_steps: int) -> dict:
         loss, grad_norm = self._all_mean(loss).item(), grad_norm.item()  # waits for the device...
         dt = time.perf_counter() - t0                                      # ...so the clock is read after
-        rec = {"step": self.step, "loss": loss, "lr": self.lr(self.step - 1),
-               "grad_norm": grad_norm, "ms": 1000 * dt / max(n_steps, 1)}
+        per_step = dt / max(n_steps, 1)
+        rec = {"step": self.step, "loss": loss, "lr": self.lr(self.step - 1), "grad_norm": grad_norm,
+               "ms": 1000 * per_step, "tok_s": self.tokens_per_step / per_step if per_step else 0.0,
+               "mfu": self.flops_per_step / per_step / self.peak_flops if self.peak_flops and per_step else None,
+               "eta_s": (self.config.max_iters - self.step) * per_step}
         self.history["train"].append(rec)
+        self._write_metrics("train", rec)
         self.check_finite()
         return rec
+
+    def _write_metrics(self, kind: str, rec: dict) -> None:
+        """One JSON line per log line and evaluation in out_dir/metrics.jsonl, for plots (lesson 09)."""
+        if self.metrics is not None:
+            with open(self.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"kind": kind, **rec}) + "\n")
 
     def _eval_and_save(self, callbacks) -> dict:
         self.check_finite()                    # a broken model gets neither evaluated nor saved
@@ -632,6 +662,7 @@ class Trainer:
         self.log(f"step {self.step:>5} | eval: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}")
         for cb in callbacks:
             getattr(cb, "on_eval", lambda *a: None)(self, rec)
+        self._write_metrics("eval", rec)
         if self.config.save and self.step > 0:
             self.save()
         return rec
@@ -661,8 +692,10 @@ class Trainer:
                 rec = self._log_step(loss, grad_norm, t0, self.step - last)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                 if not progress:
+                    mfu = f" | MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
                     self.log(f"step {rec['step']:>5} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                             f"grad norm {rec['grad_norm']:.3f} | {rec['ms']:.1f} ms/step")
+                             f"grad norm {rec['grad_norm']:.3f} | {rec['ms']:.1f} ms/step | "
+                             f"{rec['tok_s']:,.0f} tok/s{mfu} | ETA {_duration(rec['eta_s'])}")
                 hook("on_log", rec)
                 t0, last = time.perf_counter(), self.step   # printing and plotting are not step time...
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
@@ -823,6 +856,10 @@ def main(argv: list | None = None, prog: str = "nanolib.train", config_cls=Train
     try:
         config = parse_args(argv, config_cls, presets, default_preset)
         kwargs, callbacks = setup(config) if setup is not None else ({}, [])
+        if config.hellaswag_every:   # lesson 09's evaluation, downloaded (and checked) before training
+            from nanolib.eval import HellaSwagEval, hellaswag_val, read_examples
+            examples = read_examples(hellaswag_val(), config.hellaswag_examples or None)
+            callbacks = [*callbacks, HellaSwagEval(examples, every=config.hellaswag_every)]
         trainer = Trainer(config, **kwargs)
     except (ValueError, FileNotFoundError, DownloadError) as err:
         raise SystemExit(f"{prog}: error: {err}") from None

@@ -162,3 +162,4 @@ def test_the_environment_check_asks_for_pyprojects_minimum_versions():
         assert floors.get(_canonical(dist)) == minimum, (
             f"core.REQUIREMENTS wants {dist}>={minimum}, pyproject.toml says {floors.get(_canonical(dist))}: "
             "make them agree (lesson 00, then make export)")
+

@@ -2,6 +2,7 @@
 step, checkpoints (weights_only, corrupt files, mismatched configs), bitwise-exact resume, non-finite
 losses, and the command line's errors. Every run is the tiny "smoke" preset on tiny shards, on the CPU."""
 import copy
+import json
 import math
 import random
 import shutil
@@ -663,3 +664,68 @@ def test_an_interrupt_while_saving_keeps_the_previous_checkpoint(shards, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         trainer.save()
     assert (tmp_path / "ckpt.pt").read_bytes() == before and not list(tmp_path.glob(".ckpt.pt.*"))
+
+
+# ---------------------------------------------------------------- throughput and the metrics file (lesson 09)
+
+
+def test_log_lines_give_tokens_per_second_and_an_eta_and_the_metrics_file_every_record(shards, tmp_path):
+    lines = []
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=6, eval_interval=3, log_interval=2), log=lines.append)
+    history = trainer.fit()
+    train_lines = [line for line in lines if "ms/step" in line]
+    assert len(train_lines) == 3 and all(" tok/s | ETA " in line for line in train_lines)
+    assert "MFU" not in train_lines[0]                          # no known peak on a CPU
+    assert train_lines[-1].endswith("ETA 0s")
+    rec = history["train"][0]
+    assert rec["tok_s"] == pytest.approx(trainer.tokens_per_step / (rec["ms"] / 1000)) and rec["mfu"] is None
+    assert rec["eta_s"] == pytest.approx((6 - 2) * rec["ms"] / 1000)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.pop("kind") for r in records] == ["eval", "train", "eval", "train", "train", "eval"]
+    assert [r for r in records if "loss" in r] == history["train"]
+    assert [r for r in records if "val_loss" in r] == history["eval"]
+
+
+def test_mfu_is_the_model_flops_over_the_peak(shards, tmp_path):
+    from nanolib.bench import flops_per_token
+    trainer = T.Trainer(smoke(shards, tmp_path, max_iters=2), log=quiet)
+    per_token = flops_per_token(trainer.model_config, trainer.raw_model.num_params(non_embedding=True),
+                                trainer.config.block_size)
+    assert trainer.flops_per_step == per_token * trainer.tokens_per_step
+    trainer.peak_flops = 1e12                                 # as a GPU with a known peak would have it
+    trainer.fit()
+    rec = trainer.history["train"][-1]
+    assert rec["mfu"] == pytest.approx(trainer.flops_per_step / (rec["ms"] / 1000) / 1e12)
+
+
+def test_a_resumed_run_s_metrics_file_holds_the_records_up_to_its_checkpoint_then_goes_on(shards, tmp_path):
+    T.Trainer(smoke(shards, tmp_path / "a", max_iters=4, eval_interval=2, log_interval=1), log=quiet).fit()
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:     # records after the checkpoint, from a crash
+        f.write(json.dumps({"kind": "train", "step": 5, "loss": 9.0}) + "\n")
+    resumed = T.Trainer(smoke(shards, tmp_path / "a", max_iters=6, eval_interval=2, log_interval=1,
+                              resume=str(tmp_path / "a" / "ckpt.pt")), log=quiet)
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert 9.0 not in [json.loads(line).get("loss") for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_duration_of_an_eta_reads_at_a_glance():
+    assert [T._duration(s) for s in (4, 75, 3725, 90000)] == ["4s", "1m15s", "1h02m", "25h00m"]
+
+
+def test_hellaswag_every_offline_fails_before_training_in_one_line(shards, tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("NANOLIB_DATA", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as stop:
+        T.main(["--preset=smoke", f"--data={shards}", f"--out_dir={tmp_path / 'out'}", "--hellaswag_every=1"])
+    message = str(stop.value.code)
+    assert message.startswith("nanolib.train: error:") and "hellaswag_val.jsonl" in message
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
