@@ -163,3 +163,25 @@ def test_the_environment_check_asks_for_pyprojects_minimum_versions():
             f"core.REQUIREMENTS wants {dist}>={minimum}, pyproject.toml says {floors.get(_canonical(dist))}: "
             "make them agree (lesson 00, then make export)")
 
+
+
+def test_the_capstone_defines_nothing_and_asks_colab_for_a_gpu():
+    """Lesson 10 only calls nanolib: its code cells hold no def, class or lambda, and import only nanolib,
+    torch and the standard library."""
+    import ast
+    capstone = nb.read_nb(ROOT / "notebooks" / "10_train_gpt2.ipynb")
+    for cell in capstone["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        # IPython's magics (the Colab setup cell's %pip) are not Python: read them as `pass`
+        code = "\n".join(line[:len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!"))
+                         else line for line in nb.source(cell).splitlines())
+        for node in ast.walk(ast.parse(code)):
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)), (
+                f"lesson 10 defines {getattr(node, 'name', 'a lambda')}: put it in nanolib (a lesson) instead")
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "level", 0) == 0:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    assert top in ("nanolib", "torch") or top in sys.stdlib_module_names, f"lesson 10 imports {name}"
+    assert capstone["metadata"].get("accelerator") == "GPU", "the capstone asks Colab for a GPU runtime"
