@@ -163,7 +163,7 @@ def _finish(out_dir: Path, state: dict, encoding) -> None:
         json.dump(meta, f, indent=1)
     _save_progress(out_dir, {**state, "done": True})
 
-# %% ../notebooks/09_scale.ipynb #5841cad5
+# %% ../notebooks/09_scale.ipynb #4771a3c2
 def write_stream_shards(config: StreamConfig, out_dir, encoding=None, workers: int = 0,
                         progress: bool = True) -> Path:
     """Stream config.source into out_dir as lesson 02's shards of GPT-2 tokens. Memory holds one shard and a
@@ -172,6 +172,8 @@ def write_stream_shards(config: StreamConfig, out_dir, encoding=None, workers: i
     out_dir, encoding = Path(out_dir), encoding or gpt2_encoding()
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _start_state(out_dir, config, tokenizer_info(encoding))
+    for stale in out_dir.glob(".*.tmp"):      # what a killed run (kill -9, a lost machine) was writing
+        stale.unlink()
     if state["done"]:
         return out_dir
     docs = open_corpus(config.source, config.name, config.split, config.text_column)   # fails here, early

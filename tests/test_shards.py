@@ -261,3 +261,13 @@ def test_a_run_stopped_between_a_shard_and_its_progress_continues_into_the_same_
     monkeypatch.setattr(S, "_save_progress", real)
     S.write_stream_shards(config(corpus), tmp_path, progress=False)
     assert digests(tmp_path) == digests(whole)
+
+
+def test_a_killed_run_s_temporary_files_are_cleaned_up_by_the_next_one(tmp_path, corpus, whole):
+    S.write_stream_shards(config(corpus, max_tokens=6_000), tmp_path / "x", progress=False)
+    (tmp_path / "x" / ".train_0001.bin.0123456789abcdef.tmp").write_bytes(b"half a shard")   # as kill -9 leaves it
+    (tmp_path / "x" / "meta.json").unlink()
+    progress = json.loads((tmp_path / "x" / S.PROGRESS).read_text())
+    (tmp_path / "x" / S.PROGRESS).write_text(json.dumps({**progress, "done": False}))
+    S.write_stream_shards(config(corpus, max_tokens=6_000), tmp_path / "x", progress=False)
+    assert not list((tmp_path / "x").glob(".*.tmp")) and (tmp_path / "x" / "meta.json").is_file()
