@@ -855,6 +855,8 @@ def main(argv: list | None = None, prog: str = "nanolib.train", config_cls=Train
     start = time.perf_counter()
     try:
         config = parse_args(argv, config_cls, presets, default_preset)
+        if config.save:
+            _check_no_other_run(config)       # before setup's work (loading a model, streaming conversations)
         kwargs, callbacks = setup(config) if setup is not None else ({}, [])
         if config.hellaswag_every:   # lesson 09's evaluation, downloaded (and checked) before training
             from nanolib.eval import HellaSwagEval, hellaswag_val, read_examples

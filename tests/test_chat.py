@@ -634,11 +634,12 @@ def test_the_lesson_s_chat_box_replies_in_jupyterlab_in_a_real_browser(tmp_path)
     (root / lesson.name).write_text(json.dumps(notebook), encoding="utf-8")
     port, token = free_port(), "nanolib-test"
     env = {**os.environ, "NANOLIB_DEVICE": "cpu", "TQDM_DISABLE": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_DATA_DIR": str(tmp_path / "data")}
+    log = open(tmp_path / "lab.log", "wb")
     lab = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", f"--port={port}",
                             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
                             f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True"],
-                           stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "wb"), env=env)
+                           stdout=subprocess.DEVNULL, stderr=log, env=env)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
@@ -684,9 +685,27 @@ def test_the_lesson_s_chat_box_replies_in_jupyterlab_in_a_real_browser(tmp_path)
         print((tmp_path / "lab.log").read_text(errors="replace")[-3000:])
         raise
     finally:
-        if driver is not None:
-            driver.save_screenshot(str(tmp_path / "lab.png"))      # what the browser showed last
-            print("screenshot:", tmp_path / "lab.png")
-            driver.quit()
-        lab.terminate()
-        lab.wait(timeout=30)
+        try:
+            if driver is not None:
+                try:
+                    driver.save_screenshot(str(tmp_path / "lab.png"))      # what the browser showed last
+                    print("screenshot:", tmp_path / "lab.png")
+                finally:
+                    driver.quit()
+        finally:
+            lab.terminate()                  # the server shuts its kernel down
+            try:
+                lab.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                lab.kill()
+                lab.wait()
+            log.close()
+
+
+def test_the_finetune_command_refuses_an_out_dir_that_holds_a_run_before_loading_anything(checkpoints, tmp_path):
+    before = (checkpoints / "chat" / "ckpt.pt").read_bytes()
+    out = run([sys.executable, "-m", "nanolib.sft", "--preset=chat-smoke", f"--init_from={checkpoints / 'base' / 'ckpt.pt'}",
+               f"--data={tmp_path / 'never-read.jsonl'}", f"--out_dir={checkpoints / 'chat'}"], check=False)
+    # refused for the run it would replace, not for the data it never got to read
+    assert out.returncode == 1 and "already holds a run" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert (checkpoints / "chat" / "ckpt.pt").read_bytes() == before
