@@ -3,11 +3,11 @@
 # %% auto #0
 __all__ = ['LOCAL_BUILDERS', 'PROGRESS', 'open_corpus', 'StreamConfig', 'write_stream_shards', 'main']
 
-# %% ../notebooks/09_scale.ipynb #4c8d637f
+# %% ../notebooks/09_scale.ipynb #3a75a664
 import json
+import multiprocessing
 import os
 import sys
-import multiprocessing
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from itertools import chain, islice
@@ -17,11 +17,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .core import DownloadError, atomic_write, gpt2_encoding
-from .data import _datasets_bars_off, _load_dataset, _quiet, read_meta
+from .data import _LOCAL_BUILDERS, _datasets_bars_off, _load_dataset, _quiet, read_meta
 from .tokenizer import tokenizer_info
 
-# %% ../notebooks/09_scale.ipynb #b1bb1277
-LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+# %% ../notebooks/09_scale.ipynb #a7343068
+LOCAL_BUILDERS = {**_LOCAL_BUILDERS, ".parquet": "parquet"}   # lesson 02's kinds, and parquet (FineWeb's)
 
 
 def _local_files(path: Path) -> tuple[str, list[str]]:
