@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['BENCH_CONFIG', 'top_k_filter', 'top_p_filter', 'sample_next', 'LayerKVCache', 'KVCache', 'next_logits',
            'one_row_linear', 'can_use_one_row_linear', 'use_one_row_linear', 'check_sampling_args', 'generate',
-           'time_generation', 'bench']
+           'time_generation', 'bench', 'StaticKVCache', 'static_step', 'GraphedDecoder', 'graphed_decoder']
 
 # %% ../notebooks/07_sampling.ipynb #fa8321d4
 import argparse
@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -254,7 +255,7 @@ def _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab) -> list 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=None,
              use_cache: bool = True, generator: torch.Generator | None = None,
-             n_vocab: int | None = None, batched_matvec: bool = True) -> torch.LongTensor:
+             n_vocab: int | None = None, batched_matvec: bool = True, cuda_graph: bool = False) -> torch.LongTensor:
     """Continue each row of idx (B, T) by up to max_new_tokens tokens; return (B, T + new) token ids.
 
     temperature 0 is greedy. A row ends at its first token in `stop_tokens` (kept in the output); the loop
@@ -264,26 +265,39 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     `n_vocab` limits sampling to ids below it: the tokenizer's vocabulary, if the model's is padded past it.
     On a CPU where PyTorch uses MKL, `batched_matvec` computes one-row products with one_row_linear (see
     use_one_row_linear): the same numbers, faster where MKL's one-row product is slow (lesson 07, section 6).
+    `cuda_graph` decodes from a fixed-shape cache, replayed as a CUDA graph on a GPU (GraphedDecoder, lesson 07,
+    section 6b; elsewhere the same fixed-shape step runs eagerly), while the prompt and the new tokens fit in
+    block_size; past it, the usual cache.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     stop_tokens = _check_generate_inputs(model, idx, stop_tokens, generator, n_vocab)
+    if cuda_graph and not use_cache:
+        raise ValueError("cuda_graph=True decodes from a cache: leave use_cache=True (or cuda_graph=False)")
     mkl_cpu = idx.device.type == "cpu" and torch.backends.mkl.is_available()   # where it was measured
     matvec = use_one_row_linear(model) if batched_matvec and mkl_cpu else contextlib.nullcontext()
     with torch.no_grad(), eval_mode(model), matvec:   # eval: no dropout; the model's mode comes back after
         return _generate(model, idx.long(), max_new_tokens, temperature, top_k, top_p, stop_tokens,
-                         use_cache, generator, n_vocab)
+                         use_cache, generator, n_vocab, cuda_graph)
 
 
-def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, generator, n_vocab):
-    cache = None
-    if use_cache and max_new_tokens > 0:
-        # the longest window ever fed: the prompt plus all new tokens but the last, cropped to block_size
-        max_len = min(model.config.block_size, idx.size(1) + max_new_tokens - 1)
-        cache = KVCache(model, idx.size(0), max_len)
+def _decode_function(model, idx, max_new_tokens, use_cache, cuda_graph):
+    """This call's next_logits: without a cache, with a KVCache, or from a GraphedDecoder (section 6b)."""
+    if not use_cache or max_new_tokens == 0:
+        return functools.partial(next_logits, model)
+    longest = idx.size(1) + max_new_tokens - 1   # the longest window ever fed: the last new token is not
+    if cuda_graph and longest <= model.config.block_size:
+        return graphed_decoder(model, idx.size(0)).next_logits
+    cache = KVCache(model, idx.size(0), min(model.config.block_size, longest))
+    return functools.partial(next_logits, model, cache=cache)
+
+
+def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, generator, n_vocab,
+              cuda_graph=False):
+    step = _decode_function(model, idx, max_new_tokens, use_cache, cuda_graph)
     stops = torch.tensor(stop_tokens or [], dtype=torch.long, device=idx.device)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        logits = next_logits(model, idx, cache)[:, :n_vocab]   # n_vocab None keeps them all
+        logits = step(idx)[:, :n_vocab]   # n_vocab None keeps them all
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
         if len(stops):
             next_token = torch.where(done[:, None], idx[:, -1:], next_token)  # ended rows repeat their stop token
@@ -297,28 +311,32 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens
 BENCH_CONFIG = GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.0)
 
 
-def time_generation(model: GPT, lengths, repeats: int = 1, batched_matvec: bool = True) -> dict:
+def time_generation(model: GPT, lengths, repeats: int = 1, batched_matvec: bool = True, graph: bool = False) -> dict:
     """Seconds for greedy generation of n new tokens from a one-token prompt, without and with the cache.
 
-    Returns {n: (seconds_without_cache, seconds_with_cache)}, each the best of `repeats`. The two are
-    measured interleaved so that both see the same machine load: compare their ratio. `batched_matvec`
-    goes to generate().
+    Returns {n: (seconds_without_cache, seconds_with_cache)}, each the best of `repeats`, and with `graph` a
+    third time, generate(cuda_graph=True)'s (section 6b). They are measured interleaved so that all see the
+    same machine load: compare their ratios. `batched_matvec` goes to generate(). Raises RuntimeError if the
+    ways give different tokens.
     """
     device = next(model.parameters()).device
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    ways = [dict(use_cache=False), dict(use_cache=True)] + ([dict(cuda_graph=True)] if graph else [])
 
-    def seconds(n, use_cache):
+    def seconds(n, way):
         synchronize(device)                 # CUDA and MPS run asynchronously: time finished work only
         start = time.perf_counter()
-        generate(model, prompt, n, temperature=0, use_cache=use_cache, batched_matvec=batched_matvec)
+        tokens = generate(model, prompt, n, temperature=0, batched_matvec=batched_matvec, **way)
         synchronize(device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, tokens
 
-    seconds(8, False), seconds(8, True)   # warm up: first calls pay for allocations and kernel choice
+    [seconds(8, way) for way in ways]   # warm up: first calls pay for allocations, kernel choice, recording
     timings = {}
     for n in lengths:
-        runs = [(seconds(n, False), seconds(n, True)) for _ in range(repeats)]
-        timings[n] = (min(r[0] for r in runs), min(r[1] for r in runs))
+        runs = [[seconds(n, way) for way in ways] for _ in range(repeats)]
+        if any(not torch.equal(tokens, runs[0][0][1]) for run in runs for _, tokens in run):
+            raise RuntimeError(f"greedy generation of {n} tokens differs between {ways}")
+        timings[n] = tuple(min(run[w][0] for run in runs) for w in range(len(ways)))
     return timings
 
 # %% ../notebooks/07_sampling.ipynb #139cf8d3
@@ -332,6 +350,11 @@ def bench(argv=None) -> dict:
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--model", choices=["shakespeare", "gpt2"], default="shakespeare",
+                        help="the shape timed: nanoGPT's Shakespeare model (6 x 384, block 256) or GPT-2 124M "
+                             "(12 x 768, block 1024, vocab 50304); random weights")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time generate(cuda_graph=True): a fixed-shape cache, recorded as a CUDA graph on a GPU")
     parser.add_argument("--matvec", choices=["batched", "torch"], default="batched",
                         help="one-row products on the CPU: batched (one_row_linear, generate's default) "
                              "or torch (F.linear)")
@@ -342,24 +365,133 @@ def bench(argv=None) -> dict:
         lengths = [int(n) for n in args.lengths.split(",")]
     except ValueError:
         parser.error(f"--lengths must be comma-separated ints, got {args.lengths!r}")
-    if args.repeats < 1 or any(n < 1 or n > BENCH_CONFIG.block_size for n in lengths):
-        parser.error(f"--repeats must be >= 1 and every length in [1, {BENCH_CONFIG.block_size}]")
+    config = BENCH_CONFIG if args.model == "shakespeare" else GPTConfig(dropout=0.0)
+    if args.repeats < 1 or any(n < 1 or n > config.block_size for n in lengths):
+        parser.error(f"--repeats must be >= 1 and every length in [1, {config.block_size}]")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
     torch.manual_seed(0)
-    model = GPT(BENCH_CONFIG).to(device)
-    print(f"GPT 6 layers, 6 heads, 384 wide, block 256, vocab 65 on {device.type} "
-          f"(torch threads: {torch.get_num_threads()}, matvec: {args.matvec}), greedy, one-token prompt, "
-          f"best of {args.repeats}")
-    timings = time_generation(model, lengths, repeats=args.repeats, batched_matvec=args.matvec == "batched")
-    for n, (naive_s, cached_s) in timings.items():
-        print(f"{n:>4} new tokens: no cache {naive_s:7.3f} s   KV cache {cached_s:6.3f} s   "
-              f"speed-up {naive_s / cached_s:5.1f}x")
+    model = GPT(config).to(device)
+    c = config
+    print(f"GPT {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, block {c.block_size}, vocab {c.vocab_size} "
+          f"on {device.type} (torch {torch.__version__}, threads: {torch.get_num_threads()}, matvec: {args.matvec}), "
+          f"fp32, greedy, one-token prompt, best of {args.repeats}")
+    timings = time_generation(model, lengths, repeats=args.repeats, batched_matvec=args.matvec == "batched",
+                              graph=args.graph)
+    for n, (naive_s, cached_s, *graphed) in timings.items():
+        line = (f"{n:>4} new tokens: no cache {naive_s:7.3f} s   KV cache {cached_s:6.3f} s   "
+                f"speed-up {naive_s / cached_s:5.1f}x")
+        if graphed:
+            kind = "CUDA graph" if device.type == "cuda" else "fixed-shape cache (no graph off CUDA)"
+            line += f"   {kind} {graphed[0]:6.3f} s   speed-up {naive_s / graphed[0]:5.1f}x"
+        print(line)
+    if args.graph:
+        print("the same tokens every way (checked)")
     return timings
 
+# %% ../notebooks/07_sampling.ipynb #ba02238a
+class StaticKVCache:
+    """Keys and values of every layer in two buffers (n_layer, B, n_head, block_size, head_size) and the slot
+    numbers 0..block_size-1, all on the model's device: nothing here changes shape or address between steps."""
 
-if __name__ == "__main__" and "__file__" in globals():   # a command, not when this cell runs in a notebook
+    def __init__(self, model: GPT, batch_size: int):
+        c, param = model.config, next(model.parameters())
+        shape = (c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        self.k = torch.zeros(shape, device=param.device, dtype=param.dtype)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.arange(c.block_size, device=param.device)
+
+
+def static_step(model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """Logits (B, T, vocab) for the tokens idx (B, T) at the positions pos (T,), a tensor: the model's forward
+    in eval mode with every shape fixed. Their keys and values go into their slots of the cache; each query
+    attends over all slots, the ones after its position (empty, or stale from an earlier call) masked out."""
+    t = model.transformer
+    B, T = idx.shape
+    mask = cache.positions <= pos[:, None]          # (T, block_size): the query at p sees slots 0..p
+    x = t.wte(idx) + t.wpe(pos)
+    for i, block in enumerate(t.h):
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(x)).split(attn.n_embd, dim=2)
+        q, k, v = (z.view(B, T, attn.n_head, -1).transpose(1, 2) for z in (q, k, v))
+        cache.k[i].index_copy_(2, pos, k.to(cache.k.dtype))   # into their slots: the buffers never move
+        cache.v[i].index_copy_(2, pos, v.to(cache.v.dtype))
+        y = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=mask)
+        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, attn.n_embd))
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(t.ln_f(x))
+
+# %% ../notebooks/07_sampling.ipynb #b65bcaaa
+class GraphedDecoder:
+    """Decodes `batch_size` rows of `model` one token a step from a StaticKVCache: on CUDA by replaying a
+    recorded CUDA graph of static_step, elsewhere by running it. Make it with graphed_decoder()."""
+
+    def __init__(self, model: GPT, batch_size: int):
+        param = next(model.parameters())
+        self.model = weakref.ref(model)      # the model's registry entry must not keep the model alive
+        self.cache = StaticKVCache(model, batch_size)
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=param.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=param.device)
+        self.record = param.device.type == "cuda"
+        self.graph, self.logits, self.length = None, None, 0
+
+    def _record(self, model: GPT) -> None:
+        side = torch.cuda.Stream()             # PyTorch's recipe: warm up on a side stream, then record
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                static_step(model, self.token, self.pos, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):      # records the kernels without running them
+            self.logits = static_step(model, self.token, self.pos, self.cache)
+
+    def next_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) for the token after idx (B, T), like next_logits with a cache: a new prompt is
+        prefilled eagerly (its length varies), then each call feeds the one token added since the last."""
+        model = self.model()
+        if self.length == 0 or idx.size(1) != self.length + 1:
+            T = idx.size(1)
+            logits = static_step(model, idx, self.cache.positions[:T], self.cache)
+        else:
+            self.token.copy_(idx[:, -1:])
+            self.pos.fill_(self.length)
+            if self.record and self.graph is None:
+                self._record(model)
+            if self.graph is None:
+                logits = static_step(model, self.token, self.pos, self.cache)
+            else:
+                self.graph.replay()           # one request for the whole step
+                logits = self.logits
+        self.length = idx.size(1)
+        return logits[:, -1]
+
+# %% ../notebooks/07_sampling.ipynb #b8b4ef70
+_DECODERS = weakref.WeakKeyDictionary()       # model -> its GraphedDecoder; gone with the model
+
+
+def _decoder_key(model: GPT, batch_size: int) -> tuple:
+    """What a recording depends on: the batch size, where the weights are, how autocast runs."""
+    device_type = next(model.parameters()).device.type
+    autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+    return batch_size, autocast, tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+
+
+def graphed_decoder(model: GPT, batch_size: int) -> GraphedDecoder:
+    """The model's GraphedDecoder for this batch size, emptied for a new prompt: made (and on CUDA recorded)
+    once, and made again only when the batch size, the weights' addresses or autocast change."""
+    key = _decoder_key(model, batch_size)
+    decoder = _DECODERS.get(model)
+    if decoder is None or decoder.key != key:
+        decoder = GraphedDecoder(model, batch_size)
+        decoder.key = key
+        _DECODERS[model] = decoder
+    decoder.length = 0
+    return decoder
+
+# %% ../notebooks/07_sampling.ipynb #3944cd5a
+if __name__ == "__main__" and "__file__" in globals():   # the command, once every function above exists
     bench()

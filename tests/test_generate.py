@@ -585,9 +585,115 @@ def test_bench_passes_its_matvec_choice_to_generate(monkeypatch, capsys):
     import nanolib.generate as G
 
     seen = []
-    monkeypatch.setattr(G, "time_generation", lambda model, lengths, repeats, batched_matvec:
+    monkeypatch.setattr(G, "time_generation", lambda model, lengths, repeats, batched_matvec, graph:
                         seen.append(batched_matvec) or {n: (1.0, 0.5) for n in lengths})
     G.bench(["--bench", "--lengths=4", "--device=cpu"])
     G.bench(["--bench", "--lengths=4", "--device=cpu", "--matvec=torch"])
     assert seen == [True, False]
     assert "matvec: torch" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- section 6b: the fixed-shape step, CUDA graphs
+def test_static_step_equals_the_forward_pass_over_stale_slots():
+    from nanolib.generate import StaticKVCache, static_step
+
+    model = make_model(block_size=12)
+    tokens = torch.randint(0, 37, (3, 12), generator=torch.Generator().manual_seed(1))
+    cache = StaticKVCache(model, 3)
+    assert cache.k.shape == (2, 3, 2, 12, 8) and cache.positions.tolist() == list(range(12))
+    cache.k.normal_(), cache.v.normal_()            # what an earlier, longer call leaves behind
+    with torch.no_grad():
+        prefill = static_step(model, tokens[:, :4], cache.positions[:4], cache)
+        assert (prefill - model(tokens[:, :4])[0]).abs().max() < 1e-5          # every prompt position
+        for t in range(5, 13):
+            step = static_step(model, tokens[:, t - 1:t], cache.positions[t - 1:t], cache)[:, -1]
+            assert (step - reference_logits(model, tokens[:, :t])).abs().max() < 1e-5
+        k_before = cache.k.data_ptr()
+        static_step(model, tokens[:, :1], cache.positions[:1], cache)       # a new prompt overwrites slot 0
+    assert cache.k.data_ptr() == k_before                                  # the buffers never move
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0), dict(temperature=0.9, top_k=5),
+                                    dict(temperature=1.0, top_p=0.8, stop_tokens=[3, 4])])
+def test_cuda_graph_generation_gives_the_tokens_of_the_plain_loop(kwargs):
+    model = make_model(block_size=16)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for n in (1, 13, 30):                       # within block_size (the decoder) and past it (KVCache)
+        seeded = lambda: torch.Generator().manual_seed(7)
+        expected = generate(model, prompt, n, use_cache=False, generator=seeded(), **kwargs)
+        assert torch.equal(generate(model, prompt, n, cuda_graph=True, generator=seeded(), **kwargs), expected)
+
+
+def test_graphed_decoder_is_reused_and_made_again_when_what_it_recorded_changes():
+    import gc
+
+    import nanolib.generate as G
+
+    model = make_model(block_size=16)
+    prompt = torch.tensor([[1, 2, 3]])
+    expected = generate(model, prompt, 10, temperature=0, use_cache=False)
+    generate(model, prompt, 10, temperature=0, cuda_graph=True)
+    first = G._DECODERS[model]
+    assert torch.equal(generate(model, prompt[:, :2], 5, temperature=0, cuda_graph=True),
+                       generate(model, prompt[:, :2], 5, temperature=0))        # a shorter prompt, same decoder
+    assert G._DECODERS[model] is first and first.length == 6
+    generate(model, prompt.repeat(2, 1), 4, temperature=0, cuda_graph=True)  # another batch size
+    assert G._DECODERS[model] is not first
+    second = G._DECODERS[model]
+    model.double()                                                            # new weights, new addresses
+    again = generate(model, prompt, 10, temperature=0, cuda_graph=True)
+    assert G._DECODERS[model] is not second and torch.equal(again, expected)
+    with torch.no_grad():                                                     # trained in place: same recording
+        for p in model.parameters():
+            p.add_(0.01)
+    third = G._DECODERS[model]
+    assert torch.equal(generate(model, prompt, 10, temperature=0, cuda_graph=True),
+                       generate(model, prompt, 10, temperature=0, use_cache=False))
+    assert G._DECODERS[model] is third
+    del model, first, second, third
+    gc.collect()
+    assert len(G._DECODERS) == 0                # the registry does not keep a model alive
+
+
+def test_cuda_graph_needs_the_cache():
+    with pytest.raises(ValueError, match="use_cache=True"):
+        generate(make_model(), torch.tensor([[1]]), 3, use_cache=False, cuda_graph=True)
+
+
+def test_bench_times_the_fixed_shape_step_and_checks_its_tokens(capsys):
+    from nanolib.generate import bench
+
+    timings = bench(["--bench", "--lengths=2,3", "--repeats=1", "--device=cpu", "--graph"])
+    assert list(timings) == [2, 3] and all(len(t) == 3 and min(t) > 0 for t in timings.values())
+    out = capsys.readouterr().out
+    assert "fixed-shape cache (no graph off CUDA)" in out and "the same tokens every way (checked)" in out
+    with pytest.raises(SystemExit):
+        bench(["--bench", "--lengths=257"])                  # past the Shakespeare shape's block_size
+    assert list(bench(["--bench", "--lengths=1", "--repeats=1", "--device=cpu", "--model=gpt2"])) == [1]
+
+
+def test_time_generation_refuses_ways_that_disagree(monkeypatch):
+    import nanolib.generate as G
+
+    real = G.generate
+    monkeypatch.setattr(G, "generate", lambda *a, cuda_graph=False, **k: real(*a, **k) + int(cuda_graph))
+    with pytest.raises(RuntimeError, match="differs"):
+        G.time_generation(make_model(), [3], graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: runs in benchmarks/gpu_session.sh")
+def test_on_cuda_the_step_is_recorded_once_and_replayed():
+    import nanolib.generate as G
+
+    model = make_model(block_size=64).cuda()
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]], device="cuda")
+    expected = generate(model, prompt, 40, temperature=0, use_cache=False)
+    assert torch.equal(generate(model, prompt, 40, temperature=0, cuda_graph=True), expected)
+    decoder = G._DECODERS[model]
+    assert decoder.graph is not None
+    graph = decoder.graph
+    assert torch.equal(generate(model, prompt, 40, temperature=0, cuda_graph=True), expected)
+    assert G._DECODERS[model].graph is graph            # replayed, not recorded again
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        generate(model, prompt, 8, temperature=0, cuda_graph=True)   # another recording for autocast
+    assert G._DECODERS[model] is not decoder
