@@ -107,6 +107,9 @@ def window_losses(model: nn.Module, sampler, batch_size: int = 64, autocast=cont
 
 # %% ../notebooks/06_training.ipynb #f981ccfe
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch.compile modes a training loop can use: "max-autotune-no-cudagraphs" tries several kernels for each
+# matmul and keeps the fastest (minutes more compiling); the CUDA-graph modes are left out
+_COMPILE_MODES = ("", "default", "max-autotune-no-cudagraphs")
 _TINYSHAKESPEARE = {"tinyshakespeare-char": "char", "tinyshakespeare-gpt2": "gpt2"}
 _MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings")  # kept on resume
 
@@ -155,6 +158,7 @@ class TrainConfig:
     device: str = ""                 # "" picks one (nanolib.core.get_device)
     dtype: str = ""                  # "" picks one (bf16 or fp16 on CUDA, fp32 elsewhere): float32|bfloat16|float16
     compile: bool = False
+    compile_mode: str = ""           # torch.compile's mode: "" (its default) or "max-autotune-no-cudagraphs"
     seed: int = 1337
 
     def __post_init__(self):
@@ -192,6 +196,8 @@ class TrainConfig:
                 fail(key, "in [0, 1)")
         if self.dtype not in ("", *_DTYPES):
             fail("dtype", f"one of {['', *_DTYPES]}")
+        if self.compile_mode not in _COMPILE_MODES or (self.compile_mode and not self.compile):
+            fail("compile_mode", f"one of {list(_COMPILE_MODES)}, with compile=True for a non-empty one")
         from nanolib.data import SAMPLINGS
         if self.sampling not in SAMPLINGS:
             fail("sampling", f"one of {list(SAMPLINGS)} (with replacement, or every window once per epoch)")
@@ -450,7 +456,7 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, mode=cfg.compile_mode or None)
         self.ddp_model = self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP

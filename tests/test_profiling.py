@@ -33,6 +33,7 @@ def shards(tmp_path_factory):
     ("aten::_scaled_dot_product_efficient_attention_backward", [[2, 2, 8, 16]], "attention"),
     ("aten::_fused_adamw_", [[], []], "optimizer"),
     ("aten::_foreach_norm", [[]], "optimizer"),
+    ("aten::linalg_vector_norm", [[32, 32], [], [], [], []], "optimizer"),
     ("Optimizer.step#AdamW.step", [], "optimizer"),
     ("aten::embedding_dense_backward", [[512, 32], [512], [], [], []], "embeddings"),
     ("aten::native_layer_norm_backward", [[512, 32]], "norms, GELU, adds"),
@@ -98,3 +99,16 @@ def test_the_reference_band_reads_the_published_runs():
     assert all(len(run[m]) == len(P.REFERENCE_STEPS) for run in P.REFERENCE_RUNS.values() for m in ("val", "hellaswag"))
     with pytest.raises(ValueError, match="metric"):
         P.reference_band(1e9, "loss")
+
+
+def test_the_command_profiles_a_trial_trainer_and_refuses_bad_options(shards, capsys):
+    result = prof.main(["--preset=smoke", f"--data={shards}", "--steps=1", "--out_dir=/nonexistent/never/written"])
+    out = capsys.readouterr().out
+    assert "head + cross-entropy" in out and "1 steps after 1 warm-up" in out and "longest operators:" in out
+    assert set(result["by_category"]) == set(prof.CATEGORIES)
+    for argv, message in ((["--preset=smoke", "--stpes=2"], "unknown option --stpes"),
+                          (["--preset=smoke", "--steps=two"], "invalid literal"),
+                          (["--preset=smoke", "--steps=0"], "at least 1"),
+                          (["--preset=nope"], "unknown preset")):
+        with pytest.raises(SystemExit, match=message):
+            prof.main(argv)

@@ -488,6 +488,8 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(shards, tmp_path, mo
     (dict(min_lr=2e-3, learning_rate=1e-3), "min_lr must be between 0 and learning_rate"),
     (dict(warmup_iters=2000, lr_decay_iters=2000), "warmup_iters must be less than lr_decay_iters"),
     (dict(beta1=1.0), r"beta1 must be in \[0, 1\)"),
+    (dict(compile_mode="reduce-overhead", compile=True), "compile_mode must be one of"),
+    (dict(compile_mode="max-autotune-no-cudagraphs"), "with compile=True"),
 ])
 def test_inconsistent_schedules_and_betas_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -729,3 +731,13 @@ def test_hellaswag_every_offline_fails_before_training_in_one_line(shards, tmp_p
     message = str(stop.value.code)
     assert message.startswith("nanolib.train: error:") and "hellaswag_val.jsonl" in message
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_compile_mode_reaches_torch_compile(shards, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(T.torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    T.Trainer(smoke(shards, tmp_path / "a", compile=True, save=False), log=quiet)
+    T.Trainer(smoke(shards, tmp_path / "b", compile=True, compile_mode="max-autotune-no-cudagraphs", save=False), log=quiet)
+    assert seen == [None, "max-autotune-no-cudagraphs"]
+    cfg = T.parse_args(["--preset=smoke", "--compile=True", "--compile_mode=max-autotune-no-cudagraphs"])
+    assert cfg.compile_mode == "max-autotune-no-cudagraphs"
