@@ -8,7 +8,9 @@
 # `carry`): data/tinyshakespeare.txt and data/tiktoken/ (as .ci/run copies them), data/nanoGPT/ (train.py,
 # model.py and configurator.py of github.com/karpathy/nanoGPT, for the side-by-side; skipped without it) and,
 # where the machine lacks `datasets`, its wheels in .whl/ (pip download --no-deps --only-binary=:all:
-# --python-version 3.12 -d .whl datasets dill multiprocess). The models start from random weights. In order:
+# --python-version 3.12 -d .whl datasets dill multiprocess; for step 10, also nbclient ipykernel ipywidgets with
+# their dependencies). The models start from random weights. ONLY="bench generate" runs just the steps named
+# (sft and chat need train). In order:
 #   1. the CUDA tests (the recorded decode step gives the plain loop's tokens)
 #   2. the model benchmark (ms a step, tokens/s, MFU), eager and compiled
 #   3. generation of GPT-2 124M's shape: no cache, KV cache, CUDA graph (same tokens, checked)
@@ -17,7 +19,9 @@
 #   6. the profile of the step, eager and compiled
 #   7. nanolib's trainer against nanoGPT's train.py, same shape, one after the other
 #   8. the chat finetune and the chat command
-#   9. the trainer with compile_mode=max-autotune-no-cudagraphs against nanoGPT (minutes of autotuning; last)
+#   9. the trainer with compile_mode=max-autotune-no-cudagraphs against nanoGPT (minutes of autotuning)
+#  10. lesson 10 executed top to bottom on the GPU with NANOLIB_CAPSTONE_LOCAL=1 (local data, a 2-minute budget);
+#      the executed notebook is kept in $out
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/gpu_logs}
@@ -25,7 +29,7 @@ tmp=$(mktemp -d)
 mkdir -p "$out"
 export TQDM_DISABLE=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-if [ -d .whl ] && ! "$py" -c "import datasets" 2>/dev/null; then
+if [ -d .whl ] && [ "${SMOKE:-0}" != 1 ]; then     # SMOKE runs here, with this machine's packages
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -37,8 +41,9 @@ else
     size=gpt2; gen="--model gpt2 --lengths 64,256"; steps=30; dev=cuda; model=""; shard=100000
     prof_model="--batch_size=16 --grad_accum_steps=1"; side="--steps 30 --skip 10 --batch 64 --accum 2"
 fi
-run() {   # run NAME COMMAND...: the command's output to the screen and to $out/NAME.log
+run() {   # run NAME COMMAND...: the command's output to the screen and to $out/NAME.log, if ONLY wants it
     local name=$1; shift
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
     echo "== $name: $*" | tee "$out/$name.log"
     { /usr/bin/time -f "(%e s wall, %M KB peak)" "$@"; } 2>&1 | tee -a "$out/$name.log"
 }
@@ -75,5 +80,12 @@ if [ -f data/nanoGPT/train.py ] && [ "${SMOKE:-0}" != 1 ]; then
     run vs_nanogpt_autotune timeout 420 "$py" benchmarks/train_vs_nanogpt.py --nanogpt data/nanoGPT --data "$data" \
         $side --compile_mode max-autotune-no-cudagraphs --log_dir "$out/vs_nanogpt_autotune"
 fi
+NANOLIB_CAPSTONE_LOCAL=1 NANOLIB_BUDGET_HOURS=0.03 NANOLIB_DATA="$PWD/data" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+    run notebook "$py" -c "import sys, nbformat, nbclient
+nb = nbformat.read(sys.argv[1], as_version=4)
+nbclient.NotebookClient(nb, timeout=1200, kernel_name='python3', resources={'metadata': {'path': 'notebooks'}}).execute()
+nbformat.write(nb, sys.argv[2])
+print('executed; all checks passed' if 'all checks passed' in str(nb.cells[-1].outputs) else 'executed')" \
+    notebooks/10_train_gpt2.ipynb "$out/10_train_gpt2.executed.ipynb"
 rm -rf "$tmp"
 echo "logs in $out"
