@@ -113,27 +113,27 @@ def main(argv=None) -> dict:
         programs = {"nanolib": (ours, ROOT, r"\|\s*([\d.]+) ms/step"),
                     "nanogpt": (theirs, tmp, r"iter \d+: loss [\d.]+, time ([\d.]+)ms")}
         order = list(programs) if args.order == "nanolib-first" else list(programs)[::-1]
-        times = {name: run(name, *programs[name], log_dir) for name in order}
-    from nanolib.bench import flops_per_token, peak_tflops
-    from nanolib.plan import non_embedding_params
-    from nanolib.model import GPTConfig
-    import torch
-    config = GPTConfig(**shape, block_size=args.block, vocab_size=50304)
-    per_token = flops_per_token(config, non_embedding_params(config), args.block)
-    gpu = torch.cuda.get_device_name() if device == "cuda" else None
-    peak = peak_tflops(gpu) if gpu else None
-    print(f"\n{gpu or 'CPU (smoke)'} | torch {torch.__version__} | {shape} block {args.block} | "
-          f"{args.batch} x {args.block} x {args.accum} = {tokens_per_step:,} tokens a step | {dtype}, "
-          f"compile={compile_}{' (nanolib: ' + args.compile_mode + ')' if args.compile_mode else ''} | {n_train:,} train tokens | median of steps {args.skip + 1}-{args.steps}")
-    result = {}
-    for name in programs:
-        kept = times[name][args.skip:]
-        ms = statistics.median(kept)
-        tok_s = tokens_per_step / (ms / 1000)
-        mfu = tok_s * per_token / (peak * 1e12) if peak else None
-        result[name] = {"ms": ms, "tokens_per_s": tok_s, "mfu": mfu, "steps_timed": len(kept)}
-        print(f"{name:<8} {ms:8.1f} ms a step (min {min(kept):.1f}, max {max(kept):.1f}) | {tok_s:>10,.0f} tokens/s"
-              + (f" | MFU {mfu:.1%} of {peak:g} TFLOPS" if mfu else ""))
+        from nanolib.bench import flops_per_token, peak_tflops
+        from nanolib.model import GPTConfig
+        from nanolib.plan import non_embedding_params
+        import torch
+        config = GPTConfig(**shape, block_size=args.block, vocab_size=50304)
+        per_token = flops_per_token(config, non_embedding_params(config), args.block)
+        gpu = torch.cuda.get_device_name() if device == "cuda" else None
+        peak = peak_tflops(gpu) if gpu else None
+        print(f"{gpu or 'CPU (smoke)'} | torch {torch.__version__} | {shape} block {args.block} | "
+              f"{args.batch} x {args.block} x {args.accum} = {tokens_per_step:,} tokens a step | {dtype}, "
+              f"compile={compile_}{' (nanolib: ' + args.compile_mode + ')' if args.compile_mode else ''} | "
+              f"{n_train:,} train tokens | median of steps {args.skip + 1}-{args.steps}", flush=True)
+        result = {}
+        for name in order:     # each program's figures as soon as it ends: a run cut short keeps the first
+            kept = run(name, *programs[name], log_dir)[args.skip:]
+            ms = statistics.median(kept)
+            tok_s = tokens_per_step / (ms / 1000)
+            mfu = tok_s * per_token / (peak * 1e12) if peak else None
+            result[name] = {"ms": ms, "tokens_per_s": tok_s, "mfu": mfu, "steps_timed": len(kept)}
+            print(f"{name:<8} {ms:8.1f} ms a step (min {min(kept):.1f}, max {max(kept):.1f}) | {tok_s:>10,.0f} tokens/s"
+                  + (f" | MFU {mfu:.1%} of {peak:g} TFLOPS" if mfu else ""), flush=True)
     ratio = result["nanogpt"]["ms"] / result["nanolib"]["ms"]
     print(f"nanolib's step takes {1 / ratio:.3f}x nanoGPT's time ({'faster' if ratio > 1 else 'slower'} by "
           f"{abs(ratio - 1):.1%})")

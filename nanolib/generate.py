@@ -311,13 +311,15 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens
 BENCH_CONFIG = GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.0)
 
 
-def time_generation(model: GPT, lengths, repeats: int = 1, batched_matvec: bool = True, graph: bool = False) -> dict:
+def time_generation(model: GPT, lengths, repeats: int = 1, batched_matvec: bool = True, graph: bool = False,
+                    on_mismatch: str = "raise") -> dict:
     """Seconds for greedy generation of n new tokens from a one-token prompt, without and with the cache.
 
     Returns {n: (seconds_without_cache, seconds_with_cache)}, each the best of `repeats`, and with `graph` a
     third time, generate(cuda_graph=True)'s (section 6b). They are measured interleaved so that all see the
-    same machine load: compare their ratios. `batched_matvec` goes to generate(). Raises RuntimeError if the
-    ways give different tokens.
+    same machine load: compare their ratios. `batched_matvec` goes to generate(). If the ways give different
+    tokens, raises RuntimeError (`on_mismatch="raise"`) or prints which length differed ("warn"): different
+    kernels round differently, and a near-tie of two logits can then flip a greedy choice.
     """
     device = next(model.parameters()).device
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -335,7 +337,10 @@ def time_generation(model: GPT, lengths, repeats: int = 1, batched_matvec: bool 
     for n in lengths:
         runs = [[seconds(n, way) for way in ways] for _ in range(repeats)]
         if any(not torch.equal(tokens, runs[0][0][1]) for run in runs for _, tokens in run):
-            raise RuntimeError(f"greedy generation of {n} tokens differs between {ways}")
+            message = f"greedy generation of {n} tokens differs between {ways}"
+            if on_mismatch == "raise":
+                raise RuntimeError(message)
+            print("warning:", message)
         timings[n] = tuple(min(run[w][0] for run in runs) for w in range(len(ways)))
     return timings
 
@@ -380,7 +385,7 @@ def bench(argv=None) -> dict:
           f"on {device.type} (torch {torch.__version__}, threads: {torch.get_num_threads()}, matvec: {args.matvec}), "
           f"fp32, greedy, one-token prompt, best of {args.repeats}")
     timings = time_generation(model, lengths, repeats=args.repeats, batched_matvec=args.matvec == "batched",
-                              graph=args.graph)
+                              graph=args.graph, on_mismatch="warn")
     for n, (naive_s, cached_s, *graphed) in timings.items():
         line = (f"{n:>4} new tokens: no cache {naive_s:7.3f} s   KV cache {cached_s:6.3f} s   "
                 f"speed-up {naive_s / cached_s:5.1f}x")
@@ -389,7 +394,7 @@ def bench(argv=None) -> dict:
             line += f"   {kind} {graphed[0]:6.3f} s   speed-up {naive_s / graphed[0]:5.1f}x"
         print(line)
     if args.graph:
-        print("the same tokens every way (checked)")
+        print("greedy tokens compared between the ways at every length (a warning above names any that differ)")
     return timings
 
 # %% ../notebooks/07_sampling.ipynb #ba02238a
@@ -439,14 +444,18 @@ class GraphedDecoder:
         self.graph, self.logits, self.length = None, None, 0
 
     def _record(self, model: GPT) -> None:
+        # autocast keeps its bf16 copies of the weights only until its block ends: a recording that read
+        # them would replay reads of freed memory. Without its cache, the casts are recorded too.
+        autocast = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                    if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
         side = torch.cuda.Stream()             # PyTorch's recipe: warm up on a side stream, then record
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), autocast:
             for _ in range(3):
                 static_step(model, self.token, self.pos, self.cache)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):      # records the kernels without running them
+        with torch.cuda.graph(self.graph), autocast:      # records the kernels without running them
             self.logits = static_step(model, self.token, self.pos, self.cache)
 
     def next_logits(self, idx: torch.Tensor) -> torch.Tensor:
