@@ -87,7 +87,7 @@ class LayerKVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-
+# %% ../notebooks/07_sampling.ipynb #e8dad09b
 class KVCache:
     """Keys and values of every layer for `batch_size` sequences of up to `max_len` positions.
 

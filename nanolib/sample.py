@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     return parser.parse_args(argv)
 
-
+# %% ../notebooks/07_sampling.ipynb #a4945f3a
 def sample(args: argparse.Namespace) -> list[str]:
     """Check everything, then load the checkpoint and return args.num_samples texts (prompt included)."""
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
