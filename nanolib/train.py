@@ -162,47 +162,53 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self):
-        def fail(key, need):
-            raise ValueError(f"TrainConfig.{key} must be {need}, got {getattr(self, key)!r}")
-        # plain Python values only: a checkpoint holding a Path or a numpy number would not load with
-        # weights_only=True (natural in a notebook: out_dir=folder / "run", lr from np.logspace)
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, os.PathLike):
-                setattr(self, f.name, os.fspath(value))
-            elif isinstance(value, np.generic):
-                setattr(self, f.name, value.item())
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps",
-                    "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                fail(key, "a positive int")
-        for key in ("vocab_size", "warmup_iters", "seed", "hellaswag_every", "hellaswag_examples"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                fail(key, "a non-negative int")
-        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2", "dropout"):
-            if not isinstance(getattr(self, key), (int, float)) or not math.isfinite(getattr(self, key)):
-                fail(key, "a finite number")
-        for key in ("weight_decay", "grad_clip"):
-            if getattr(self, key) < 0:
-                fail(key, ">= 0")
-        if not self.learning_rate > 0:
-            fail("learning_rate", "> 0")
-        if not 0 <= self.min_lr <= self.learning_rate:
-            fail("min_lr", f"between 0 and learning_rate ({self.learning_rate})")
-        if self.warmup_iters >= self.lr_decay_iters:
-            fail("warmup_iters", f"less than lr_decay_iters ({self.lr_decay_iters})")
-        for key in ("beta1", "beta2", "dropout"):
-            if not 0 <= getattr(self, key) < 1:
-                fail(key, "in [0, 1)")
-        if self.dtype not in ("", *_DTYPES):
-            fail("dtype", f"one of {['', *_DTYPES]}")
-        if self.compile_mode not in _COMPILE_MODES or (self.compile_mode and not self.compile):
-            fail("compile_mode", f"one of {list(_COMPILE_MODES)}, with compile=True for a non-empty one")
-        from nanolib.data import SAMPLINGS
-        if self.sampling not in SAMPLINGS:
-            fail("sampling", f"one of {list(SAMPLINGS)} (with replacement, or every window once per epoch)")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _check_train_config(self)
+
+# %% ../notebooks/06_training.ipynb #b6cdb3e4
+def _check_train_config(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the field, the rule and the value, for a TrainConfig that cannot run; turn
+    paths and numpy numbers into plain values."""
+    def fail(key, need):
+        raise ValueError(f"TrainConfig.{key} must be {need}, got {getattr(cfg, key)!r}")
+    # plain Python values only: a checkpoint holding a Path or a numpy number would not load with
+    # weights_only=True (natural in a notebook: out_dir=folder / "run", lr from np.logspace)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, os.PathLike):
+            setattr(cfg, f.name, os.fspath(value))
+        elif isinstance(value, np.generic):
+            setattr(cfg, f.name, value.item())
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps",
+                "max_iters", "lr_decay_iters", "eval_interval", "eval_iters", "log_interval"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) <= 0:
+            fail(key, "a positive int")
+    for key in ("vocab_size", "warmup_iters", "seed", "hellaswag_every", "hellaswag_examples"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
+            fail(key, "a non-negative int")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2", "dropout"):
+        if not isinstance(getattr(cfg, key), (int, float)) or not math.isfinite(getattr(cfg, key)):
+            fail(key, "a finite number")
+    for key in ("weight_decay", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            fail(key, ">= 0")
+    if not cfg.learning_rate > 0:
+        fail("learning_rate", "> 0")
+    if not 0 <= cfg.min_lr <= cfg.learning_rate:
+        fail("min_lr", f"between 0 and learning_rate ({cfg.learning_rate})")
+    if cfg.warmup_iters >= cfg.lr_decay_iters:
+        fail("warmup_iters", f"less than lr_decay_iters ({cfg.lr_decay_iters})")
+    for key in ("beta1", "beta2", "dropout"):
+        if not 0 <= getattr(cfg, key) < 1:
+            fail(key, "in [0, 1)")
+    if cfg.dtype not in ("", *_DTYPES):
+        fail("dtype", f"one of {['', *_DTYPES]}")
+    if cfg.compile_mode not in _COMPILE_MODES or (cfg.compile_mode and not cfg.compile):
+        fail("compile_mode", f"one of {list(_COMPILE_MODES)}, with compile=True for a non-empty one")
+    from nanolib.data import SAMPLINGS
+    if cfg.sampling not in SAMPLINGS:
+        fail("sampling", f"one of {list(SAMPLINGS)} (with replacement, or every window once per epoch)")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
 
 # %% ../notebooks/06_training.ipynb #73263ce3
 PRESETS = {
@@ -297,7 +303,7 @@ def save_checkpoint(path, model: nn.Module, optimizer, train_config, step: int, 
         torch.save(ckpt, f)
     return path
 
-
+# %% ../notebooks/06_training.ipynb #eefd62e6
 def _check_out_dir(out_dir: Path) -> None:
     """Create out_dir and try writing in it: a bad path then fails before training, not at the first save."""
     try:
@@ -399,16 +405,9 @@ def _distributed() -> tuple:
 def _mismatches(want: dict, have: dict, keys) -> list:
     return [f"{k}={have.get(k)!r} (this run: {want.get(k)!r})" for k in keys if want.get(k) != have.get(k)]
 
-# %% ../notebooks/06_training.ipynb #8c4c3529
-class Trainer:
-    """Trains a GPT as `config` says: one process, or one of N under torchrun (DDP).
-
-    `fit()` runs to `config.max_iters`; `train_step()` does one optimizer step; `evaluate()` returns
-    the train and val losses; `save()` writes the checkpoint. Everything is checked before any work.
-    `data`: where batches come from (default: the token shards `config.data` names, as ShardData);
-    `model`: a GPT to start from instead of a fresh one (finetuning), whose shape then replaces the
-    config's.
-    """
+# %% ../notebooks/06_training.ipynb #e0909e14
+class _TrainerSetup:
+    """Trainer, part 1: the settings checked, the device, the data."""
 
     def __init__(self, config: TrainConfig, log=print, data=None, model=None):
         self.config = cfg = config
@@ -438,7 +437,43 @@ class Trainer:
                              f"tokens: pass --vocab_size=0 to take the data's")
         if ckpt is not None:
             self._check_resume(ckpt)
+        self._setup_training(model, ckpt)
 
+    def _setup_device(self) -> torch.device:
+        if self.world_size == 1:
+            try:
+                return get_device(self.config.device or None)
+            except RuntimeError as err:  # asked for a device this machine does not have
+                raise ValueError(str(err)) from None
+        import torch.distributed as dist
+        kind = torch.device(self.config.device).type if self.config.device else ""
+        if kind not in ("", "cuda", "cpu") or (kind == "cuda" and not torch.cuda.is_available()):
+            raise ValueError(f"--device={self.config.device} cannot run DDP here: torchrun trains on CUDA GPUs "
+                             f"(NCCL) or on the CPU (gloo); pass --device=cuda on a CUDA machine, or --device=cpu")
+        use_cuda = torch.cuda.is_available() and kind in ("", "cuda")
+        device = torch.device(f"cuda:{self.local_rank}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        return device
+
+    def _setup_data(self) -> ShardData:
+        if self.world_size > 1 and not self.master:
+            torch.distributed.barrier()         # rank 0 prepares the shards first, the others reuse them
+        folder = _resolve_data(self.config.data)
+        if self.world_size > 1 and self.master:
+            torch.distributed.barrier()
+        return ShardData(folder)
+
+# %% ../notebooks/06_training.ipynb #0d83394d
+class _TrainerModel:
+    """Trainer, part 2: the model, the optimizer, the samplers, compile and DDP."""
+
+    def _setup_training(self, model, ckpt) -> None:
+        """The model (or the one given), the optimizer, the samplers, a resumed run's state, compile and
+        DDP; what throughput and metrics need."""
+        cfg = self.config
         seed_everything(cfg.seed + self.rank)  # ranks differ only where randomness must differ (dropout)
         self.model = self.raw_model = (_unwrap(model) if model is not None else GPT(self.model_config)).to(self.device)
         self.optimizer = configure_optimizer(self.model, cfg.weight_decay, cfg.learning_rate,
@@ -474,33 +509,9 @@ class Trainer:
             with atomic_write(self.metrics, "w") as f:
                 f.write("".join(line + "\n" for line in lines))
 
-    # ---------------------------------------------------------------- setup
-    def _setup_device(self) -> torch.device:
-        if self.world_size == 1:
-            try:
-                return get_device(self.config.device or None)
-            except RuntimeError as err:  # asked for a device this machine does not have
-                raise ValueError(str(err)) from None
-        import torch.distributed as dist
-        kind = torch.device(self.config.device).type if self.config.device else ""
-        if kind not in ("", "cuda", "cpu") or (kind == "cuda" and not torch.cuda.is_available()):
-            raise ValueError(f"--device={self.config.device} cannot run DDP here: torchrun trains on CUDA GPUs "
-                             f"(NCCL) or on the CPU (gloo); pass --device=cuda on a CUDA machine, or --device=cpu")
-        use_cuda = torch.cuda.is_available() and kind in ("", "cuda")
-        device = torch.device(f"cuda:{self.local_rank}") if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        return device
-
-    def _setup_data(self) -> ShardData:
-        if self.world_size > 1 and not self.master:
-            torch.distributed.barrier()         # rank 0 prepares the shards first, the others reuse them
-        folder = _resolve_data(self.config.data)
-        if self.world_size > 1 and self.master:
-            torch.distributed.barrier()
-        return ShardData(folder)
+# %% ../notebooks/06_training.ipynb #cc16ea51
+class _TrainerResume:
+    """Trainer, part 3: a checkpoint checked against this run, and its state restored."""
 
     def _check_resume(self, ckpt: dict) -> None:
         cfg, path = self.config, self.config.resume
@@ -539,7 +550,10 @@ class Trainer:
             self.log("settings that differ from the checkpoint's: " +
                      ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
-    # ---------------------------------------------------------------- one step
+# %% ../notebooks/06_training.ipynb #c787c15d
+class _TrainerStep:
+    """Trainer, part 4: one optimizer step."""
+
     def lr(self, step: int | None = None) -> float:
         c = self.config
         return lr_at(self.step if step is None else step, c.learning_rate, c.min_lr, c.warmup_iters, c.lr_decay_iters)
@@ -589,6 +603,10 @@ class Trainer:
         share = getattr(self.train_data, "rank_share", None)
         return 1.0 if share is None or self.world_size == 1 else share * self.world_size
 
+# %% ../notebooks/06_training.ipynb #c89ea712
+class _TrainerChecks:
+    """Trainer, part 5: losses averaged over processes, non-finite losses, evaluation, checkpoints."""
+
     def _all_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             t = t.clone()
@@ -613,7 +631,6 @@ class Trainer:
         raise FloatingPointError(f"{what}; training stopped and {kept}. Lower --learning_rate, check "
                                  "--grad_clip, or resume from the checkpoint")
 
-    # ---------------------------------------------------------------- evaluation and checkpoints
     def evaluate(self) -> dict:
         """{"train": loss, "val": loss}, each the mean over eval_iters batches (split across processes)."""
         return {split: self._all_mean(evaluate(self.model, sampler, self.config.eval_iters, self.autocast)).item()
@@ -638,7 +655,10 @@ class Trainer:
                                {"train": self.train_data.state_dict()}, self.meta.get("tokenizer"),
                                rng=rngs, history=self.history, **extra)
 
-    # ---------------------------------------------------------------- the loop
+# %% ../notebooks/06_training.ipynb #d7a92222
+class _TrainerLog:
+    """Trainer, part 6: log lines and the metrics file."""
+
     def _log_step(self, loss, grad_norm, t0: float, n_steps: int) -> dict:
         loss, grad_norm = self._all_mean(loss).item(), grad_norm.item()  # waits for the device...
         dt = time.perf_counter() - t0                                      # ...so the clock is read after
@@ -672,6 +692,17 @@ class Trainer:
         if self.config.save and self.step > 0:
             self.save()
         return rec
+
+# %% ../notebooks/06_training.ipynb #841d504a
+class Trainer(_TrainerSetup, _TrainerModel, _TrainerResume, _TrainerStep, _TrainerChecks, _TrainerLog):
+    """Trains a GPT as `config` says: one process, or one of N under torchrun (DDP).
+
+    `fit()` runs to `config.max_iters`; `train_step()` does one optimizer step; `evaluate()` returns
+    the train and val losses; `save()` writes the checkpoint. Everything is checked before any work.
+    `data`: where batches come from (default: the token shards `config.data` names, as ShardData);
+    `model`: a GPT to start from instead of a fresh one (finetuning), whose shape then replaces the
+    config's.
+    """
 
     def fit(self, callbacks=(), progress: bool = False) -> dict:
         """Train to config.max_iters. Logs every log_interval steps, evaluates (and saves) every
@@ -836,7 +867,7 @@ def parse_args(argv: list, config_cls=TrainConfig, presets: dict | None = None,
         return config_cls(**{**base, **overrides})
     return config_cls(**{**presets[name or default_preset], **overrides})
 
-
+# %% ../notebooks/06_training.ipynb #dc68a75b
 def usage(prog: str = "nanolib.train", config_cls=TrainConfig, presets: dict | None = None,
           default_preset: str = "shakespeare-char-cpu") -> str:
     """The --help text: the presets, and every option with its default."""
@@ -893,4 +924,3 @@ def main(argv: list | None = None, prog: str = "nanolib.train", config_cls=Train
 
 if __name__ == "__main__" and "__file__" in globals():  # `python -m nanolib.train`; not when run in a notebook
     main()
-
