@@ -81,6 +81,7 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return rss / (2**30 if sys.platform == "darwin" else 2**20), "peak RSS of the whole process (ru_maxrss)"
 
 
+# %% ../notebooks/05_gpt_init.ipynb #985e9412
 def run_benchmark(size: str = "cpu-small", device: str | None = None, batch: int | None = None,
                   seq: int | None = None, steps: int = 5, warmup: int = 2, dtype: str | None = None,
                   compile: bool = False, adamw: bool | None = None, peak: float | None = None,

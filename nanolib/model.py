@@ -271,6 +271,7 @@ def _read_weights(folder: Path, fix) -> tuple[dict, str]:
     raise FileNotFoundError(f"{folder} has no {' or '.join(WEIGHT_FILES)} (sharded checkpoints are not supported)")
 
 
+# %% ../notebooks/05_gpt_init.ipynb #eed16b9e
 def _config_from_hf(hf: dict, dropout: float) -> GPTConfig:
     """GPTConfig from a transformers GPT2Config dict; refuse settings that change the arithmetic."""
     if hf.get("model_type", "gpt2") != "gpt2":
@@ -294,7 +295,7 @@ def _config_from_hf(hf: dict, dropout: float) -> GPTConfig:
     return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                      n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
 
-
+# %% ../notebooks/05_gpt_init.ipynb #c7f08821
 def _load_hf_gpt2(cls, folder, dropout: float = 0.0, hub_name: str | None = None, cache_dir=None):
     """Build `cls` (GPT) from a Hugging Face GPT-2 checkpoint folder, transposing the Conv1D weights.
     `hub_name` (where the folder came from, None for a folder of the user's) only shapes the error messages."""

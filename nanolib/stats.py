@@ -148,6 +148,7 @@ class StatsRecorder:
         return format_table(self.rows(), formats={"mean": "+.4f"})
 
 
+# %% ../notebooks/05_gpt_init.ipynb #bee9e6a4
 def format_table(rows: list[dict], formats: dict | None = None) -> str:
     """A list of dicts with the same keys -> an aligned text table; floats in 4 significant digits unless
     `formats` gives a column its own format spec, e.g. {"mean": "+.4f"}."""

@@ -288,6 +288,7 @@ def _special_regex(tokens) -> regex.Pattern:
     return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
 
 
+# %% ../notebooks/01_tokenizer.ipynb #c49c83b4
 class BPETokenizer:
     """Byte-level BPE with regex pre-splitting and special tokens, as GPT-2 and GPT-4 tokenize.
 
@@ -450,6 +451,7 @@ def _write_bpe_file(tok: BPETokenizer, path) -> Path:
     return Path(path)
 
 
+# %% ../notebooks/01_tokenizer.ipynb #aeb772b8
 def _read_bpe_file(path) -> BPETokenizer:
     path = Path(path)
     if not path.is_file():
