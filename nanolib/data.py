@@ -78,6 +78,7 @@ def _quiet() -> bool:
     return os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false", "no")
 
 
+# %% ../notebooks/02_data.ipynb #a395879a
 @contextlib.contextmanager
 def _datasets_bars_off(datasets):
     if datasets.are_progress_bars_disabled():
@@ -149,6 +150,7 @@ def _check_separator(separator, n_vocab: int) -> int | None:
     return int(separator)
 
 
+# %% ../notebooks/02_data.ipynb #e3e986a1
 def write_shards(texts, tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
                  shard_tokens: int = 100_000_000, separator: int | None | str = "auto",
                  extra_meta: dict | None = None) -> Path:
@@ -214,7 +216,7 @@ def write_shards(texts, tokenizer, out_dir: str | Path, val_fraction: float = 0.
         raise
     return out_dir
 
-
+# %% ../notebooks/02_data.ipynb #d55e6ed4
 def read_meta(out_dir: str | Path) -> dict:
     """The meta.json of a folder of shards (FileNotFoundError, saying how to make it, if missing)."""
     path = Path(out_dir) / "meta.json"
@@ -269,7 +271,95 @@ def prepare_tinyshakespeare(kind: str = "char", out_dir: str | Path | None = Non
 SAMPLINGS = ("random", "epochs")
 
 
-class BatchSampler:
+# %% ../notebooks/02_data.ipynb #059471bb
+class _SamplerStarts:
+    """BatchSampler, part 1: where the windows of batch i start, with or without replacement."""
+
+    def _window(self, start: int) -> np.ndarray:
+        """Tokens [start, start + block_size + 1) of the split, across shard boundaries if need be."""
+        end, pieces = start + self.block_size + 1, []
+        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < end:
+            lo, hi = start - self.offsets[k], min(end, self.offsets[k + 1]) - self.offsets[k]
+            pieces.append(self.shards[k][lo:hi])
+            start, k = self.offsets[k] + hi, k + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def starts(self, i: int) -> np.ndarray:
+        """This rank's window starts for batch number i."""
+        everyone = self._epoch_starts(i) if self.sampling == "epochs" else self._random_starts(i)
+        return everyone[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def _random_starts(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, i])
+        return rng.integers(0, self.n_tokens - self.block_size, size=self.world_size * self.batch_size)
+
+    def _epoch_starts(self, i: int) -> np.ndarray:
+        """Windows i*G .. (i+1)*G - 1 of the endless run of epochs, G = world_size * batch_size: a batch
+        that crosses the end of an epoch takes the rest from the next one."""
+        per_batch = self.world_size * self.batch_size
+        epoch, k = np.divmod(np.arange(i * per_batch, (i + 1) * per_batch), self.windows_per_epoch)
+        starts = np.empty(per_batch, dtype=np.int64)
+        for e in np.unique(epoch):
+            phase, order = self._epoch(int(e))
+            starts[epoch == e] = phase + order[k[epoch == e]] * self.block_size
+        return starts
+
+    def _epoch(self, e: int) -> tuple[int, np.ndarray]:
+        """Epoch e's phase (where its first window starts) and the order in which it reads its windows."""
+        if e not in self._epochs:
+            rng = np.random.default_rng([self.seed, e])
+            # the last window must end on the split's last token at most: phase + windows * block_size < n
+            phases = min(self.block_size, self.n_tokens - self.windows_per_epoch * self.block_size)
+            self._epochs = {k: v for k, v in self._epochs.items() if k == e - 1}   # a batch may cross into e
+            self._epochs[e] = (int(rng.integers(0, phases)), rng.permutation(self.windows_per_epoch))
+        return self._epochs[e]
+
+# %% ../notebooks/02_data.ipynb #9084e324
+class _SamplerBatches:
+    """BatchSampler, part 2: the batches themselves, and the position to resume from."""
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number i as (x, y), int64 tensors of shape (batch_size, block_size) on the device."""
+        return self._batch_at(self.starts(i))
+
+    def sequential_batches(self, batch_size: int | None = None):
+        """Every window of the split in order, without overlap: (x, y) batches (the last one smaller) in
+        which each token is a target exactly once, but the few at the end that do not fill a window.
+        For the loss over a whole split; training and `next_batch()` use `starts()`. It ignores
+        the rank: under DDP every process walks the whole split."""
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+            raise ValueError(f"batch_size must be a positive int (or None: the sampler's), got {batch_size!r}")
+        starts = np.arange(0, self.n_tokens - self.block_size, self.block_size)
+        step = batch_size or self.batch_size
+        for i in range(0, len(starts), step):
+            yield self._batch_at(starts[i:i + step])
+
+    def _batch_at(self, starts) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = torch.from_numpy(np.stack([self._window(s) for s in starts]).astype(np.int64))
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        if self.device.type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(self.step)
+        self.step += 1
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step, "split": self.split, "batch_size": self.batch_size,
+                "block_size": self.block_size, "world_size": self.world_size, "sampling": self.sampling}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("split", "batch_size", "block_size", "world_size", "sampling"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"this sampler has {key}={getattr(self, key)!r} but the state was saved with "
+                                 f"{state[key]!r}: build the sampler with the same settings to resume exactly")
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+# %% ../notebooks/02_data.ipynb #d716d282
+class BatchSampler(_SamplerStarts, _SamplerBatches):
     """(x, y) windows of `block_size` tokens from the memory-mapped shards of one split, drawn at random
     or once per epoch.
 
@@ -316,85 +406,6 @@ class BatchSampler:
         # "epochs": as many windows as fit whatever the phase (at least one, for a split under 2 windows)
         self.windows_per_epoch = max(1, (self.n_tokens - block_size) // block_size)
         self._epochs = {}   # epoch -> (phase, order), the last two used
-
-    def _window(self, start: int) -> np.ndarray:
-        """Tokens [start, start + block_size + 1) of the split, across shard boundaries if need be."""
-        end, pieces = start + self.block_size + 1, []
-        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        while start < end:
-            lo, hi = start - self.offsets[k], min(end, self.offsets[k + 1]) - self.offsets[k]
-            pieces.append(self.shards[k][lo:hi])
-            start, k = self.offsets[k] + hi, k + 1
-        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-
-    def starts(self, i: int) -> np.ndarray:
-        """This rank's window starts for batch number i."""
-        everyone = self._epoch_starts(i) if self.sampling == "epochs" else self._random_starts(i)
-        return everyone[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-
-    def _random_starts(self, i: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, i])
-        return rng.integers(0, self.n_tokens - self.block_size, size=self.world_size * self.batch_size)
-
-    def _epoch_starts(self, i: int) -> np.ndarray:
-        """Windows i*G .. (i+1)*G - 1 of the endless run of epochs, G = world_size * batch_size: a batch
-        that crosses the end of an epoch takes the rest from the next one."""
-        per_batch = self.world_size * self.batch_size
-        epoch, k = np.divmod(np.arange(i * per_batch, (i + 1) * per_batch), self.windows_per_epoch)
-        starts = np.empty(per_batch, dtype=np.int64)
-        for e in np.unique(epoch):
-            phase, order = self._epoch(int(e))
-            starts[epoch == e] = phase + order[k[epoch == e]] * self.block_size
-        return starts
-
-    def _epoch(self, e: int) -> tuple[int, np.ndarray]:
-        """Epoch e's phase (where its first window starts) and the order in which it reads its windows."""
-        if e not in self._epochs:
-            rng = np.random.default_rng([self.seed, e])
-            # the last window must end on the split's last token at most: phase + windows * block_size < n
-            phases = min(self.block_size, self.n_tokens - self.windows_per_epoch * self.block_size)
-            self._epochs = {k: v for k, v in self._epochs.items() if k == e - 1}   # a batch may cross into e
-            self._epochs[e] = (int(rng.integers(0, phases)), rng.permutation(self.windows_per_epoch))
-        return self._epochs[e]
-
-    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number i as (x, y), int64 tensors of shape (batch_size, block_size) on the device."""
-        return self._batch_at(self.starts(i))
-
-    def sequential_batches(self, batch_size: int | None = None):
-        """Every window of the split in order, without overlap: (x, y) batches (the last one smaller) in
-        which each token is a target exactly once, but the few at the end that do not fill a window.
-        For the loss over a whole split; training and `next_batch()` use `starts()`. It ignores
-        the rank: under DDP every process walks the whole split."""
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
-            raise ValueError(f"batch_size must be a positive int (or None: the sampler's), got {batch_size!r}")
-        starts = np.arange(0, self.n_tokens - self.block_size, self.block_size)
-        step = batch_size or self.batch_size
-        for i in range(0, len(starts), step):
-            yield self._batch_at(starts[i:i + step])
-
-    def _batch_at(self, starts) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = torch.from_numpy(np.stack([self._window(s) for s in starts]).astype(np.int64))
-        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-        if self.device.type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch(self.step)
-        self.step += 1
-        return x, y
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step, "split": self.split, "batch_size": self.batch_size,
-                "block_size": self.block_size, "world_size": self.world_size, "sampling": self.sampling}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("split", "batch_size", "block_size", "world_size", "sampling"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"this sampler has {key}={getattr(self, key)!r} but the state was saved with "
-                                 f"{state[key]!r}: build the sampler with the same settings to resume exactly")
-        self.seed, self.step = int(state["seed"]), int(state["step"])
 
 # %% ../notebooks/02_data.ipynb #96a89def
 def token_frequencies(tokens) -> np.ndarray:

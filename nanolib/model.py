@@ -85,27 +85,9 @@ def init_weights(model: nn.Module, scheme: str = "nanogpt", std: float = 0.02) -
             p.mul_(0.02)
     return model
 
-# %% ../notebooks/05_gpt_init.ipynb #c2859a18
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),   # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),   # position embedding
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.transformer.wte.weight = self.lm_head.weight  # one matrix reads and writes tokens
-        init_weights(self, "nanogpt")
-
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, counting a tied embedding once; `non_embedding` also leaves out positions."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+# %% ../notebooks/05_gpt_init.ipynb #eba8658e
+class _GPTInputs:
+    """GPT, part 1: what forward() refuses, each with the fix in the message."""
 
     def _check_inputs(self, idx: torch.Tensor, targets, start: int) -> None:
         if not torch.is_tensor(idx) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
@@ -134,6 +116,29 @@ class GPT(nn.Module):
                              f"the tokenizer and GPTConfig.vocab_size disagree")
         if t_bounds and (t_bounds[0] < -1 or t_bounds[1] >= V):
             raise ValueError(f"targets must be in [0, {V}) or -1 (ignored), got {t_bounds[0]} to {t_bounds[1]}")
+
+# %% ../notebooks/05_gpt_init.ipynb #dd756847
+class GPT(_GPTInputs, nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),   # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),   # position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # one matrix reads and writes tokens
+        init_weights(self, "nanogpt")
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting a tied embedding once; `non_embedding` also leaves out positions."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None):
         """(B, T) token ids -> (logits (B, T, vocab), loss or None). Targets of -1 are ignored (a batch of

@@ -39,8 +39,52 @@ class TensorStats:
         saturation = None if saturated is None else saturated(t).float().mean().item()
         return cls(flat.mean().item(), flat.std().item(), saturation, flat[::step].cpu())
 
-# %% ../notebooks/05_gpt_init.ipynb #4b28953e
-class StatsRecorder:
+# %% ../notebooks/05_gpt_init.ipynb #b5f9899a
+class _StatsHooks:
+    """StatsRecorder, part 1: the hooks that record each module's output (and gradient) as it passes."""
+
+    def attach(self) -> "StatsRecorder":
+        if self.handles:
+            raise RuntimeError("this recorder is already attached; remove() it first")
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def remove(self) -> None:
+        for handle in self.handles + list(self._tensor_handles.values()):
+            handle.remove()
+        self.handles.clear()
+        self._tensor_handles.clear()
+
+    def __enter__(self) -> "StatsRecorder":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _forward_hook(self, name: str):
+        def hook(module, args, output):
+            t = output if self.on == "output" else (args[0] if args else None)
+            if not torch.is_tensor(t):
+                raise TypeError(f"{name}: its {self.on} is a {type(t).__name__}, not a tensor; "
+                                f"record a module whose {self.on} is one tensor")
+            self.acts[name] = TensorStats.of(t, self.saturated, self.max_samples)
+            self._grads.pop(name, None)  # a gradient recorded earlier belongs to an earlier forward
+            old = self._tensor_handles.pop(name, None)
+            if old is not None:
+                old.remove()
+            if self.record_grads and t.requires_grad:
+                self._tensor_handles[name] = t.register_hook(self._grad_hook(name))
+        return hook
+
+    def _grad_hook(self, name: str):
+        def hook(grad):
+            self._grads[name] = TensorStats.of(grad, None, self.max_samples)
+            # returns None: the gradient flows on unchanged
+        return hook
+
+# %% ../notebooks/05_gpt_init.ipynb #e39cade8
+class StatsRecorder(_StatsHooks):
     """Record statistics of what chosen modules output (or take as input) and of the gradient there.
 
         with StatsRecorder(model, {"h.0": model.transformer.h[0]}) as rec:
@@ -93,46 +137,6 @@ class StatsRecorder:
         """{name: TensorStats of the gradient}, in the order of `acts` (backward fills them last to first)."""
         return {n: self._grads[n] for n in self.acts if n in self._grads}
 
-    def attach(self) -> "StatsRecorder":
-        if self.handles:
-            raise RuntimeError("this recorder is already attached; remove() it first")
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._forward_hook(name)))
-        return self
-
-    def remove(self) -> None:
-        for handle in self.handles + list(self._tensor_handles.values()):
-            handle.remove()
-        self.handles.clear()
-        self._tensor_handles.clear()
-
-    def __enter__(self) -> "StatsRecorder":
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def _forward_hook(self, name: str):
-        def hook(module, args, output):
-            t = output if self.on == "output" else (args[0] if args else None)
-            if not torch.is_tensor(t):
-                raise TypeError(f"{name}: its {self.on} is a {type(t).__name__}, not a tensor; "
-                                f"record a module whose {self.on} is one tensor")
-            self.acts[name] = TensorStats.of(t, self.saturated, self.max_samples)
-            self._grads.pop(name, None)  # a gradient recorded earlier belongs to an earlier forward
-            old = self._tensor_handles.pop(name, None)
-            if old is not None:
-                old.remove()
-            if self.record_grads and t.requires_grad:
-                self._tensor_handles[name] = t.register_hook(self._grad_hook(name))
-        return hook
-
-    def _grad_hook(self, name: str):
-        def hook(grad):
-            self._grads[name] = TensorStats.of(grad, None, self.max_samples)
-            # returns None: the gradient flows on unchanged
-        return hook
-
     def rows(self) -> list[dict]:
         """One dict per recorded module: name, mean, std, saturation (%) and the gradient's std."""
         out = []
@@ -146,7 +150,6 @@ class StatsRecorder:
     def summary(self) -> str:
         """The rows as a text table (means to 4 decimals: they matter next to the std, not on their own)."""
         return format_table(self.rows(), formats={"mean": "+.4f"})
-
 
 # %% ../notebooks/05_gpt_init.ipynb #bee9e6a4
 def format_table(rows: list[dict], formats: dict | None = None) -> str:

@@ -288,53 +288,9 @@ def _special_regex(tokens) -> regex.Pattern:
     return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
 
 
-# %% ../notebooks/01_tokenizer.ipynb #c49c83b4
-class BPETokenizer:
-    """Byte-level BPE with regex pre-splitting and special tokens, as GPT-2 and GPT-4 tokenize.
-
-    Ids 0..255 are the bytes, 256..vocab_size-1 the merges in the order they were learned, then the special
-    tokens. `BPETokenizer().train(text, vocab_size)` learns merges; `BPETokenizer(merges, pattern,
-    special_tokens)` rebuilds a trained one.
-    """
-
-    def __init__(self, merges=(), pattern: str = GPT4_SPLIT_PATTERN, special_tokens=DEFAULT_SPECIAL_TOKENS):
-        self._set(_check_merges(merges), pattern, _check_special_tokens(special_tokens))
-
-    def _set(self, merges: list[tuple[int, int]], pattern: str, special_tokens: list[str]) -> None:
-        self._compiled = _check_pattern(pattern)
-        self.pattern = pattern
-        self.merges = merges
-        self.ranks = {pair: 256 + n for n, pair in enumerate(merges)}  # pair -> the token it makes
-        self.special_tokens = {tok: self.vocab_size + n for n, tok in enumerate(special_tokens)}
-        self.token_bytes = token_bytes_of(merges) + [tok.encode("utf-8") for tok in special_tokens]
-        self._cache = {}  # chunk -> its ids: chunks repeat a lot in real text
-
-    def train(self, text: str, vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN,
-              special_tokens=DEFAULT_SPECIAL_TOKENS) -> "BPETokenizer":
-        """Learn vocab_size - 256 merges from `text` (replacing this tokenizer's); return self."""
-        _check_text(text), _check_vocab_size(vocab_size)
-        compiled, special_tokens = _check_pattern(pattern), _check_special_tokens(special_tokens)
-        text = repair_surrogates(text)
-        # special tokens in the training text are boundaries: cut them out so no merge spans one
-        parts = _special_regex(special_tokens).split(text)[::2] if special_tokens else [text]
-        chunks = [chunk for part in parts for chunk in split_chunks(part, compiled)]
-        self._set(train_merges(chunks, vocab_size), pattern, special_tokens)
-        return self
-
-    @property
-    def vocab_size(self) -> int:
-        """Byte and merge tokens: the `vocab_size` given to train, without the special tokens."""
-        return 256 + len(self.merges)
-
-    @property
-    def n_vocab(self) -> int:
-        """All token ids, special tokens included: the size of a model's embedding table."""
-        return self.vocab_size + len(self.special_tokens)
-
-    @property
-    def eot_token(self) -> int | None:
-        """The id of <|endoftext|> (None if this tokenizer has no such special token), as in tiktoken."""
-        return self.special_tokens.get(ENDOFTEXT)
+# %% ../notebooks/01_tokenizer.ipynb #72739510
+class _BPEEncoding:
+    """BPETokenizer, part 1: encoding text (special tokens only when allowed) and decoding ids."""
 
     def _encode_chunk(self, chunk: str) -> list[int]:
         ids = self._cache.get(chunk)
@@ -393,6 +349,10 @@ class BPETokenizer:
         """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD instead of raising."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+# %% ../notebooks/01_tokenizer.ipynb #0c9a3575
+class _BPEFiles:
+    """BPETokenizer, part 2: its description, its file, and the same merges as a tiktoken.Encoding."""
+
     def info(self) -> dict:
         """Everything needed to rebuild this tokenizer, as JSON-able values."""
         return {"kind": "bpe", "version": BPE_FORMAT_VERSION, "pattern": self.pattern,
@@ -431,6 +391,54 @@ class BPETokenizer:
         return tiktoken.Encoding(name=name or f"nanolib_bpe_{self.vocab_size}", pat_str=self.pattern,
                                  mergeable_ranks=ranks, special_tokens=self.special_tokens,
                                  explicit_n_vocab=self.n_vocab)
+
+# %% ../notebooks/01_tokenizer.ipynb #869f89d6
+class BPETokenizer(_BPEEncoding, _BPEFiles):
+    """Byte-level BPE with regex pre-splitting and special tokens, as GPT-2 and GPT-4 tokenize.
+
+    Ids 0..255 are the bytes, 256..vocab_size-1 the merges in the order they were learned, then the special
+    tokens. `BPETokenizer().train(text, vocab_size)` learns merges; `BPETokenizer(merges, pattern,
+    special_tokens)` rebuilds a trained one.
+    """
+
+    def __init__(self, merges=(), pattern: str = GPT4_SPLIT_PATTERN, special_tokens=DEFAULT_SPECIAL_TOKENS):
+        self._set(_check_merges(merges), pattern, _check_special_tokens(special_tokens))
+
+    def _set(self, merges: list[tuple[int, int]], pattern: str, special_tokens: list[str]) -> None:
+        self._compiled = _check_pattern(pattern)
+        self.pattern = pattern
+        self.merges = merges
+        self.ranks = {pair: 256 + n for n, pair in enumerate(merges)}  # pair -> the token it makes
+        self.special_tokens = {tok: self.vocab_size + n for n, tok in enumerate(special_tokens)}
+        self.token_bytes = token_bytes_of(merges) + [tok.encode("utf-8") for tok in special_tokens]
+        self._cache = {}  # chunk -> its ids: chunks repeat a lot in real text
+
+    def train(self, text: str, vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN,
+              special_tokens=DEFAULT_SPECIAL_TOKENS) -> "BPETokenizer":
+        """Learn vocab_size - 256 merges from `text` (replacing this tokenizer's); return self."""
+        _check_text(text), _check_vocab_size(vocab_size)
+        compiled, special_tokens = _check_pattern(pattern), _check_special_tokens(special_tokens)
+        text = repair_surrogates(text)
+        # special tokens in the training text are boundaries: cut them out so no merge spans one
+        parts = _special_regex(special_tokens).split(text)[::2] if special_tokens else [text]
+        chunks = [chunk for part in parts for chunk in split_chunks(part, compiled)]
+        self._set(train_merges(chunks, vocab_size), pattern, special_tokens)
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        """Byte and merge tokens: the `vocab_size` given to train, without the special tokens."""
+        return 256 + len(self.merges)
+
+    @property
+    def n_vocab(self) -> int:
+        """All token ids, special tokens included: the size of a model's embedding table."""
+        return self.vocab_size + len(self.special_tokens)
+
+    @property
+    def eot_token(self) -> int | None:
+        """The id of <|endoftext|> (None if this tokenizer has no such special token), as in tiktoken."""
+        return self.special_tokens.get(ENDOFTEXT)
 
     def __repr__(self) -> str:
         pattern = {GPT2_SPLIT_PATTERN: "GPT2_SPLIT_PATTERN", GPT4_SPLIT_PATTERN: "GPT4_SPLIT_PATTERN"}.get(
