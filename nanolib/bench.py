@@ -35,6 +35,7 @@ SIZES = {
                       (256, 1024), adamw=False),
 }
 
+# %% ../notebooks/05_gpt_init.ipynb #ccd7c86f
 # Dense tensor-core peaks in TFLOPS (vendor data sheets, without sparsity), by a name's whole words: bf16,
 # or fp16 for the cards in PEAK_FP16_ONLY, which have no bf16.
 PEAK_TFLOPS = {
@@ -81,6 +82,37 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return rss / (2**30 if sys.platform == "darwin" else 2**20), "peak RSS of the whole process (ru_maxrss)"
 
 
+# %% ../notebooks/05_gpt_init.ipynb #e4d5bf6b
+def _prepare_device(dev: torch.device, threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)  # CPU threads for intra-op parallelism
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they exist
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak_for(name: str, cuda: bool, peak: float | None) -> tuple:
+    """(peak TFLOPS, where it comes from): as given, from the data-sheet table, or (None, None)."""
+    if peak is not None:
+        return peak, "as given"
+    if cuda and peak_tflops(name) is not None:
+        return peak_tflops(name), f"dense {peak_dtype(name)} peak of the data sheet"
+    return None, None
+
+
+def _print_benchmark(r: dict, steps: int, threads: int) -> None:
+    what = "forward+backward+AdamW" if r["adamw"] else "forward+backward"
+    print(f"nanolib.bench: {r['size']} ({r['params'] / 1e6:.2f}M params) on {r['device']} ({r['device_name']}), "
+          f"{r['dtype']}, {'torch.compile' if r['compile'] else 'eager'}, batch {r['batch']} x {r['seq']} tokens, "
+          f"step = {what}, torch {torch.__version__}, threads={threads}")
+    print(f"step: {r['step_ms']:.1f} ms median of {steps} (min {r['step_ms_min']:.1f} ms) | "
+          f"{r['tokens_per_s']:,.0f} tokens/s | peak memory {r['peak_memory_gib']:.2f} GiB ({r['memory_kind']})")
+    if r["mfu"] is not None:
+        print(f"MFU: {100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOPS ({r['peak_kind']})")
+    elif r["device"].startswith("cuda"):
+        print(f"MFU: unknown peak for {r['device_name']!r}; pass --peak-tflops")
+
 # %% ../notebooks/05_gpt_init.ipynb #985e9412
 def run_benchmark(size: str = "cpu-small", device: str | None = None, batch: int | None = None,
                   seq: int | None = None, steps: int = 5, warmup: int = 2, dtype: str | None = None,
@@ -101,12 +133,7 @@ def run_benchmark(size: str = "cpu-small", device: str | None = None, batch: int
     if dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {list(dtypes)}")
     config = GPTConfig(**(spec.config | {"block_size": max(seq, spec.config["block_size"])}))
-    if threads is not None:
-        torch.set_num_threads(threads)  # CPU threads for intra-op parallelism
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they exist
-        torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats(dev)
+    _prepare_device(dev, threads)
     torch.manual_seed(0)
     model = GPT(config).to(dev)
     step_model = torch.compile(model) if compile else model
@@ -135,12 +162,7 @@ def run_benchmark(size: str = "cpu-small", device: str | None = None, batch: int
     memory, memory_kind = _peak_memory(dev)
     n_non_embedding = model.num_params(non_embedding=True)
     name = torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine()
-    if peak is not None:
-        peak_kind = "as given"
-    elif cuda and peak_tflops(name) is not None:
-        peak, peak_kind = peak_tflops(name), f"dense {peak_dtype(name)} peak of the data sheet"
-    else:
-        peak_kind = None
+    peak, peak_kind = _peak_for(name, cuda, peak)
     mfu = tokens_per_s * flops_per_token(config, n_non_embedding, seq) / (peak * 1e12) if peak else None
     result = {"size": size, "device": str(dev), "device_name": name, "dtype": dtype, "compile": compile,
               "batch": batch, "seq": seq, "adamw": adamw, "params": model.num_params(),
@@ -148,16 +170,7 @@ def run_benchmark(size: str = "cpu-small", device: str | None = None, batch: int
               "peak_memory_gib": memory, "memory_kind": memory_kind, "peak_tflops": peak, "peak_kind": peak_kind,
               "mfu": mfu}
     if verbose:
-        what = "forward+backward+AdamW" if adamw else "forward+backward"
-        print(f"nanolib.bench: {size} ({model.num_params() / 1e6:.2f}M params) on {dev} ({name}), {dtype}, "
-              f"{'torch.compile' if compile else 'eager'}, batch {batch} x {seq} tokens, step = {what}, "
-              f"torch {torch.__version__}, threads={torch.get_num_threads()}")
-        print(f"step: {result['step_ms']:.1f} ms median of {steps} (min {result['step_ms_min']:.1f} ms) | "
-              f"{tokens_per_s:,.0f} tokens/s | peak memory {memory:.2f} GiB ({memory_kind})")
-        if mfu is not None:
-            print(f"MFU: {100 * mfu:.1f}% of {peak:g} TFLOPS ({peak_kind})")
-        elif cuda:
-            print(f"MFU: unknown peak for {name!r}; pass --peak-tflops")
+        _print_benchmark(result, steps, torch.get_num_threads())
     return result
 
 # %% ../notebooks/05_gpt_init.ipynb #429215e7
