@@ -4,7 +4,7 @@
 __all__ = ['USER_START', 'USER_END', 'ASSISTANT_START', 'ASSISTANT_END', 'CHAT_FORMAT', 'GPT2_CHAT_IDS', 'ROLES', 'TRAIN_ON',
            'GROW_INITS', 'text_vocab_size', 'chat_token_ids', 'ChatTokenizer', 'check_conversation',
            'render_conversation', 'render_prompt', 'ChatBatches', 'ChatData', 'grow_vocab', 'ChatSettings',
-           'default_max_new_tokens', 'ChatEngine', 'ChatBox', 'load_chat_model', 'chat_main']
+           'default_max_new_tokens', 'default_settings', 'ChatEngine', 'ChatBox', 'load_chat_model', 'chat_main']
 
 # %% ../notebooks/08_chat_sft.ipynb #7411bdf4
 import argparse
@@ -371,6 +371,11 @@ def default_max_new_tokens(model: GPT) -> int:
     return min(256, model.config.block_size // 2)
 
 
+def default_settings(model: GPT) -> ChatSettings:
+    """Greedy, with default_max_new_tokens: what the engine and the chat box use when given no settings."""
+    return ChatSettings(max_new_tokens=default_max_new_tokens(model))
+
+
 def _common_prefix(a: list, b: list) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -420,7 +425,7 @@ class ChatEngine:
 def _stream(self, conversation, settings: ChatSettings | None = None, generator=None):
     """Yield the reply to `conversation` as text pieces, as they are sampled. Afterwards `last_ended` says
     whether the model closed its reply with <|assistant_end|> (False: it hit max_new_tokens)."""
-    settings = settings or ChatSettings(max_new_tokens=default_max_new_tokens(self.model))
+    settings = settings or default_settings(self.model)
     prompt = self.prompt_ids(conversation, settings)
     if self.cache is None or not self.reuse_cache:
         self.cache, self.fed = KVCache(self.model, 1, self.model.config.block_size), []
@@ -453,7 +458,7 @@ ChatEngine.stream, ChatEngine.reply = _stream, _reply
 def _replies(self, conversations, settings: ChatSettings | None = None, generator=None,
              max_batch: int = 64) -> list[tuple[str, bool]]:
     """(reply, ended) for each conversation, ended meaning the reply closed with <|assistant_end|>."""
-    settings = settings or ChatSettings(max_new_tokens=default_max_new_tokens(self.model))
+    settings = settings or default_settings(self.model)
     prompts = [self.prompt_ids(c, settings) for c in conversations]
     by_length = defaultdict(list)
     for n, p in enumerate(prompts):
@@ -490,7 +495,7 @@ class ChatBox:
 
     def __init__(self, engine: ChatEngine, settings: ChatSettings | None = None, seed: int = 0):
         import ipywidgets as W
-        settings = settings or ChatSettings(max_new_tokens=default_max_new_tokens(engine.model))
+        settings = settings or default_settings(engine.model)
         self.engine, self.max_new_tokens, self.conversation = engine, settings.max_new_tokens, []
         self.generator = torch.Generator(device=engine.banned.device).manual_seed(seed)
         self.view = W.HTML().add_class("nanolib-chat-view")

@@ -17,8 +17,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .core import DownloadError, atomic_write, gpt2_encoding
-from .data import _LOCAL_BUILDERS, _datasets_bars_off, _load_dataset, _quiet, read_meta
+from .data import _LOCAL_BUILDERS, _datasets_bars_off, _load_dataset, _quiet, read_meta, shard_meta
 from .tokenizer import tokenizer_info
+from .train import _parse_value
 
 # %% ../notebooks/09_scale.ipynb #a7343068
 LOCAL_BUILDERS = {**_LOCAL_BUILDERS, ".parquet": "parquet"}   # lesson 02's kinds, and parquet (FineWeb's)
@@ -154,11 +155,9 @@ def _finish(out_dir: Path, state: dict, encoding) -> None:
     if not shards["train"]:
         raise ValueError(f"the corpus gave {state['tokens']:,} tokens, a single shard, and the first shard is "
                          f"the validation split: delete {out_dir} and pass a smaller --shard_tokens")
-    count = {split: sum(s["tokens"] for s in shards[split]) for split in shards}
-    meta = {"format": 1, "dtype": "uint16", "n_vocab": encoding.n_vocab, "tokenizer": state["tokenizer"],
-            "train_tokens": count["train"], "val_tokens": count["val"], "val_fraction": count["val"] / state["tokens"],
-            "shard_tokens": state["config"]["shard_tokens"], "separator": encoding.eot_token, "shards": shards,
-            "source": state["config"]}
+    val_fraction = sum(s["tokens"] for s in shards["val"]) / state["tokens"]
+    meta = shard_meta("uint16", encoding.n_vocab, state["tokenizer"], shards, state["config"]["shard_tokens"],
+                      encoding.eot_token, val_fraction, source=state["config"])
     with atomic_write(out_dir / "meta.json", "w") as f:
         json.dump(meta, f, indent=1)
     _save_progress(out_dir, {**state, "done": True})
@@ -216,8 +215,7 @@ def _parse(argv: list) -> tuple[StreamConfig, Path, int | None]:
         elif key == "workers":
             workers = int(value)
         elif key in kinds:
-            number = "int" in str(kinds[key]) and "None" not in str(kinds[key])
-            values[key] = int(value.replace("_", "")) if number else (value or None)
+            values[key] = _parse_value(key, value, int) if kinds[key] is int else (value or None)
         else:
             raise ValueError(f"unknown option --{key}: the options are --out_dir, --workers and "
                              + ", ".join(f"--{k}" for k in kinds))

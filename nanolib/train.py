@@ -906,7 +906,7 @@ def main(argv: list | None = None, prog: str = "nanolib.train", config_cls=Train
     trainer.log(f"config: {json.dumps(asdict(config))}")
     trainer.log(f"{trainer.world_size} process(es) on {trainer.device} in {str(trainer.dtype).removeprefix('torch.')}, "
                 f"{trainer.raw_model.num_params() / 1e6:.2f}M parameters, "
-                f"{config.batch_size * config.grad_accum_steps * config.block_size:,} tokens per step")
+                f"{trainer.tokens_per_step:,} tokens per step")
     try:
         history = trainer.fit(callbacks=callbacks)
     except FloatingPointError as err:
