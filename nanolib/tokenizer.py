@@ -459,65 +459,72 @@ def _write_bpe_file(tok: BPETokenizer, path) -> Path:
     return Path(path)
 
 
-# %% ../notebooks/01_tokenizer.ipynb #aeb772b8
-def _read_bpe_file(path) -> BPETokenizer:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer file at {path}: write one with BPETokenizer.save({str(path)!r})")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a tokenizer file written by BPETokenizer.save: it is not text") from None
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
+# %% ../notebooks/01_tokenizer.ipynb #64158bca
+class _BPEFileLines:
+    """The lines of a tokenizer file, read with errors that name the file, the line and the fix."""
 
-    def fail(n, problem):
-        return ValueError(f"{path}, line {n + 1}: {problem}; the file is corrupt or truncated: save the "
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}: write one with BPETokenizer.save({str(path)!r})")
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a tokenizer file written by BPETokenizer.save: it is not text") from None
+        if lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+        self.path, self.lines = path, lines
+
+    def fail(self, n: int, problem: str) -> ValueError:
+        return ValueError(f"{self.path}, line {n + 1}: {problem}; the file is corrupt or truncated: save the "
                           "tokenizer again with BPETokenizer.save")
 
-    def line(n, what):
-        if n >= len(lines):
-            raise ValueError(f"{path} ends after {len(lines)} lines, before {what}: the file is truncated; "
-                             "save the tokenizer again with BPETokenizer.save")
-        return lines[n]
+    def line(self, n: int, what: str) -> str:
+        if n >= len(self.lines):
+            raise ValueError(f"{self.path} ends after {len(self.lines)} lines, before {what}: the file is "
+                             "truncated; save the tokenizer again with BPETokenizer.save")
+        return self.lines[n]
 
-    def field(n, key):  # "key value" -> value
-        name, _, value = line(n, f"the {key!r} line").partition(" ")
+    def field(self, n: int, key: str) -> str:  # "key value" -> value
+        name, _, value = self.line(n, f"the {key!r} line").partition(" ")
         if name != key:
-            raise fail(n, f"expected the {key!r} line, found {lines[n][:40]!r}")
+            raise self.fail(n, f"expected the {key!r} line, found {self.lines[n][:40]!r}")
         return value
 
-    def count(n, key):
-        value = field(n, key)
+    def count(self, n: int, key: str) -> int:
+        value = self.field(n, key)
         if not value.isdigit():
-            raise fail(n, f"{key} should be followed by a count, found {value[:20]!r}")
+            raise self.fail(n, f"{key} should be followed by a count, found {value[:20]!r}")
         return int(value)
 
-    magic, _, version = line(0, "the header").partition(" ")
-    if magic != BPE_FORMAT_MAGIC:
-        raise ValueError(f"{path} is not a tokenizer file written by BPETokenizer.save: its first line is "
-                         f"{lines[0][:40]!r}, not '{BPE_FORMAT_MAGIC} {BPE_FORMAT_VERSION}'")
-    if version != str(BPE_FORMAT_VERSION):
-        raise ValueError(f"{path} has format version {version[:20]!r}, but this nanolib reads version "
-                         f"{BPE_FORMAT_VERSION}: update nanolib, or save the tokenizer again with this one")
-    def json_value(n, value):
+    def json_value(self, n: int, value: str):
         try:
             return json.loads(value)
         except json.JSONDecodeError as err:
-            raise fail(n, f"{value[:40]!r} is not a JSON string ({err.msg})") from None
+            raise self.fail(n, f"{value[:40]!r} is not a JSON string ({err.msg})") from None
 
-    pattern = json_value(1, field(1, "pattern"))
-    n_special = count(2, "special_tokens")
-    special = [json_value(3 + i, line(3 + i, f"special token {i}")) for i in range(n_special)]
+# %% ../notebooks/01_tokenizer.ipynb #aeb772b8
+def _read_bpe_file(path) -> BPETokenizer:
+    path = Path(path)
+    f = _BPEFileLines(path)
+    magic, _, version = f.line(0, "the header").partition(" ")
+    if magic != BPE_FORMAT_MAGIC:
+        raise ValueError(f"{path} is not a tokenizer file written by BPETokenizer.save: its first line is "
+                         f"{f.lines[0][:40]!r}, not '{BPE_FORMAT_MAGIC} {BPE_FORMAT_VERSION}'")
+    if version != str(BPE_FORMAT_VERSION):
+        raise ValueError(f"{path} has format version {version[:20]!r}, but this nanolib reads version "
+                         f"{BPE_FORMAT_VERSION}: update nanolib, or save the tokenizer again with this one")
+    pattern = f.json_value(1, f.field(1, "pattern"))
+    n_special = f.count(2, "special_tokens")
+    special = [f.json_value(3 + i, f.line(3 + i, f"special token {i}")) for i in range(n_special)]
     n = 3 + n_special
-    n_merges = count(n, "merges")
-    merges = [line(n + 1 + i, f"merge {i}").split(" ") for i in range(n_merges)]
+    n_merges = f.count(n, "merges")
+    merges = [f.line(n + 1 + i, f"merge {i}").split(" ") for i in range(n_merges)]
     end = n + 1 + n_merges
-    if line(end, "the final 'end' line") != "end" or len(lines) != end + 1:
-        raise fail(end, "expected 'end' as the last line")
+    if f.line(end, "the final 'end' line") != "end" or len(f.lines) != end + 1:
+        raise f.fail(end, "expected 'end' as the last line")
     bad = next((i for i, m in enumerate(merges) if len(m) != 2 or not all(x.isdigit() for x in m)), None)
     if bad is not None:
-        raise fail(n + 1 + bad, f"a merge is two token ids separated by a space, found {lines[n + 1 + bad][:40]!r}")
+        raise f.fail(n + 1 + bad, f"a merge is two token ids separated by a space, found {f.lines[n + 1 + bad][:40]!r}")
     try:
         return BPETokenizer([(int(a), int(b)) for a, b in merges], pattern, special)
     except (TypeError, ValueError) as err:

@@ -605,7 +605,8 @@ class _TrainerStep:
 
 # %% ../notebooks/06_training.ipynb #c89ea712
 class _TrainerChecks:
-    """Trainer, part 5: losses averaged over processes, non-finite losses, evaluation, checkpoints."""
+    """Trainer, part 5: losses averaged over processes, non-finite losses, evaluation, checkpoints, and the
+    weights' digest that shows DDP processes stayed in sync."""
 
     def _all_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -655,6 +656,14 @@ class _TrainerChecks:
                                {"train": self.train_data.state_dict()}, self.meta.get("tokenizer"),
                                rng=rngs, history=self.history, **extra)
 
+    def weights_digest(self) -> str:
+        """SHA-256 of the model's weights: equal on every DDP process if they stayed in sync."""
+        digest = hashlib.sha256()
+        for name, t in sorted(self.raw_model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
 # %% ../notebooks/06_training.ipynb #d7a92222
 class _TrainerLog:
     """Trainer, part 6: log lines and the metrics file."""
@@ -672,6 +681,19 @@ class _TrainerLog:
         self.check_finite()
         return rec
 
+    @staticmethod
+    def _step_line(rec: dict) -> str:
+        mfu = f" | MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
+        return (f"step {rec['step']:>5} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | grad norm "
+                f"{rec['grad_norm']:.3f} | {rec['ms']:.1f} ms/step | {rec['tok_s']:,.0f} tok/s{mfu} | "
+                f"ETA {_duration(rec['eta_s'])}")
+
+    def _call(self, callbacks, name: str, *args) -> None:
+        """Call each callback's `name` method, for those that have one."""
+        for cb in callbacks:
+            if hasattr(cb, name):
+                getattr(cb, name)(self, *args)
+
     def _write_metrics(self, kind: str, rec: dict) -> None:
         """One JSON line per log line and evaluation in out_dir/metrics.jsonl, for plots (lesson 09)."""
         if self.metrics is not None:
@@ -686,8 +708,7 @@ class _TrainerLog:
         rec = {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}
         self.history["eval"].append(rec)
         self.log(f"step {self.step:>5} | eval: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}")
-        for cb in callbacks:
-            getattr(cb, "on_eval", lambda *a: None)(self, rec)
+        self._call(callbacks, "on_eval", rec)
         self._write_metrics("eval", rec)
         if self.config.save and self.step > 0:
             self.save()
@@ -713,7 +734,6 @@ class Trainer(_TrainerSetup, _TrainerModel, _TrainerResume, _TrainerStep, _Train
 
         from nanolib.data import _quiet
         cfg = self.config
-        hook = lambda name, *a: [getattr(cb, name)(self, *a) for cb in callbacks if hasattr(cb, name)]
         # tqdm.auto's notebook bar ignores TQDM_DISABLE, so read it here (as nanolib.data does)
         quiet = {} if progress and self.master and not _quiet() else {"disable": True}
         bar = tqdm(total=cfg.max_iters, initial=self.step, unit="step", **quiet)
@@ -721,33 +741,22 @@ class Trainer(_TrainerSetup, _TrainerModel, _TrainerResume, _TrainerStep, _Train
             self._eval_and_save(callbacks)
         t0, last = time.perf_counter(), self.step
         while self.step < cfg.max_iters:
-            hook("on_step_begin")
+            self._call(callbacks, "on_step_begin")
             loss, grad_norm = self.train_step()
-            hook("on_step_end")
+            self._call(callbacks, "on_step_end")
             bar.update(1)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
                 rec = self._log_step(loss, grad_norm, t0, self.step - last)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                 if not progress:
-                    mfu = f" | MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
-                    self.log(f"step {rec['step']:>5} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                             f"grad norm {rec['grad_norm']:.3f} | {rec['ms']:.1f} ms/step | "
-                             f"{rec['tok_s']:,.0f} tok/s{mfu} | ETA {_duration(rec['eta_s'])}")
-                hook("on_log", rec)
+                    self.log(self._step_line(rec))
+                self._call(callbacks, "on_log", rec)
                 t0, last = time.perf_counter(), self.step   # printing and plotting are not step time...
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                 self._eval_and_save(callbacks)
                 t0, last = time.perf_counter(), self.step   # ...and neither is evaluation
         bar.close()
         return self.history
-
-    def weights_digest(self) -> str:
-        """SHA-256 of the model's weights: equal on every DDP process if they stayed in sync."""
-        digest = hashlib.sha256()
-        for name, t in sorted(self.raw_model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
 
     def close(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
