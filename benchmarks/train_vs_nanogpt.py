@@ -27,16 +27,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # nanolib from this checkout, installed or not
 GPT2_SHAPE = dict(n_layer=12, n_head=12, n_embd=768)
 SMOKE_SHAPE = dict(n_layer=2, n_head=2, n_embd=64)
 
 
 def nanogpt_data(shards: Path, folder: Path) -> int:
     """The shards' train and val tokens as nanoGPT's train.bin and val.bin (raw uint16); returns train tokens."""
-    sys.path.insert(0, str(ROOT))
     from nanolib.data import read_meta
     meta = read_meta(shards)
     if meta["dtype"] != "uint16":
@@ -44,8 +42,9 @@ def nanogpt_data(shards: Path, folder: Path) -> int:
     folder.mkdir(parents=True)
     for split in ("train", "val"):
         with open(folder / f"{split}.bin", "wb") as out:
-            for shard in meta["shards"][split]:
-                out.write(np.fromfile(shards / shard["file"], dtype=np.uint16).tobytes())
+            for shard in meta["shards"][split]:   # both are raw uint16, so the bytes go across as they are
+                with open(shards / shard["file"], "rb") as f:
+                    shutil.copyfileobj(f, out)
     return os.path.getsize(folder / "train.bin") // 2
 
 

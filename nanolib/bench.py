@@ -96,8 +96,8 @@ def _peak_for(name: str, cuda: bool, peak: float | None) -> tuple:
     """(peak TFLOPS, where it comes from): as given, from the data-sheet table, or (None, None)."""
     if peak is not None:
         return peak, "as given"
-    if cuda and peak_tflops(name) is not None:
-        return peak_tflops(name), f"dense {peak_dtype(name)} peak of the data sheet"
+    if cuda and (tflops := peak_tflops(name)) is not None:
+        return tflops, f"dense {peak_dtype(name)} peak of the data sheet"
     return None, None
 
 

@@ -292,7 +292,7 @@ def _decode_function(model, idx, max_new_tokens, use_cache, cuda_graph):
 
 
 def _generate(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, generator, n_vocab,
-              cuda_graph=False):
+              cuda_graph):
     step = _decode_function(model, idx, max_new_tokens, use_cache, cuda_graph)
     stops = torch.tensor(stop_tokens or [], dtype=torch.long, device=idx.device)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)

@@ -108,11 +108,16 @@ def matmul_flops(config) -> dict:
     return {"head + cross-entropy": 2 * C * V, "other matmuls": 2 * 12 * C * C * L, "attention": 2 * 2 * T * C * L}
 
 
+def _time_parts(result: dict) -> dict:
+    """ms a step of each category, and the GPU's idle time where there is one."""
+    return dict(result["by_category"]) | ({"idle (GPU)": result["idle"]} if result["idle"] is not None else {})
+
+
 def plot_time_breakdown(result: dict, config, title: str = "") -> dict:
     """Bars: each part's share of the profiled step time (and idle, on a GPU) next to its share of the
     matmul FLOPs; returns the time shares."""
     import matplotlib.pyplot as plt
-    times = dict(result["by_category"]) | ({"idle (GPU)": result["idle"]} if result["idle"] is not None else {})
+    times = _time_parts(result)
     total = sum(times.values())
     shares = {part: t / total for part, t in times.items()}
     flops = matmul_flops(config)
@@ -153,9 +158,9 @@ def main(argv=None) -> dict:
     print(f"nanolib.profiling: {c.n_layer} layers x {c.n_embd}, vocab {trial.raw_model.config.vocab_size}, "
           f"{c.batch_size} x {c.block_size} x {c.grad_accum_steps} tokens a step, {trial.device} {trial.dtype}, "
           f"compile={c.compile}, torch {torch.__version__}, {n_steps} steps after 1 warm-up")
-    busy = sum(result["by_category"].values()) + (result["idle"] or 0)
-    rows = list(result["by_category"].items()) + ([("idle (GPU)", result["idle"])] if result["idle"] is not None else [])
-    for part, ms in rows:
+    parts = _time_parts(result)
+    busy = sum(parts.values())
+    for part, ms in parts.items():
         print(f"  {part:<22} {ms:9.1f} ms a step  {ms / busy:6.1%}")
     extra = f", CPU waiting for the GPU {result['sync']:.1f} ms" if result["sync"] is not None else ""
     print(f"profiled step {result['wall']:.1f} ms; fetching batches {result['data']:.1f} ms{extra}")
